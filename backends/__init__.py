@@ -1,0 +1,1 @@
+"""Backends, imported as ``portopt.backends.<name>``; each registers itself on import."""

@@ -1,0 +1,1 @@
+"""The conformance suite, imported as ``portopt.conformance``."""

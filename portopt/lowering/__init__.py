@@ -1,0 +1,1 @@
+"""Lowering: from a checked spec to a step function over lists of tensors."""

@@ -1,0 +1,1 @@
+"""The torch.optim-compatible front end."""

@@ -1,0 +1,11 @@
+"""Errors raised when an algorithm spec is built or used wrongly."""
+
+from __future__ import annotations
+
+
+class SpecError(ValueError):
+    """A spec is malformed: the message names the algorithm, the symbol and the fix."""
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter value violates its declared constraint."""

@@ -1,0 +1,300 @@
+"""Expressions: immutable, hashable DAG nodes built with operator overloading.
+
+An expression never hides a Python callable: it is an :class:`Op` with operands and,
+for leaves, a value (a constant's number, a hyperparameter's or state's name). That is
+what lets one spec be printed, analysed, serialised and lowered to several targets.
+
+Leaves:
+
+* ``const(c)``: a number;
+* ``hyper(name)``: a hyperparameter, read from the optimizer's param group each step;
+* ``T``: the step counter ``t`` (1 at the first step, incremented before use);
+* ``P`` and ``G``: the parameter and its gradient;
+* ``state(name)``: a declared optimizer state, holding its value *before* this step.
+
+Python's ``==`` keeps its structural meaning (expressions are dictionary keys); use
+:func:`eq` and :func:`ne` to build comparisons. An expression cannot be used as a
+Python ``bool``: write :func:`where` instead of ``if``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from portopt.spec.errors import SpecError
+from portopt.spec.ops import OP_INFO, Op
+
+Number = Union[int, float]
+ExprLike = Union["Expr", int, float]
+
+
+@dataclass(frozen=True, eq=True)
+class Label:
+    """A display name for a subexpression: rendering prints it as its own equation."""
+
+    text: str
+    latex: str
+
+
+@dataclass(frozen=True, eq=True)
+class Expr:
+    """One node of an expression DAG.
+
+    ``value`` holds the number of a ``CONST`` and the name of a ``HYPER`` or ``STATE``;
+    ``label`` optionally names the node for rendering and has no effect on its value.
+    """
+
+    op: Op
+    args: tuple[Expr, ...] = ()
+    value: float | str | None = None
+    label: Label | None = None
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        info = OP_INFO[self.op]
+        if len(self.args) != info.arity:
+            raise SpecError(f"op {self.op.value!r} takes {info.arity} operand(s), got {len(self.args)}")
+        object.__setattr__(self, "_hash", hash((self.op, self.args, self.value, self.label)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __bool__(self) -> bool:
+        raise SpecError(
+            "an expression has no truth value while the spec is built; "
+            "use where(condition, if_true, if_false) instead of Python's if/and/or"
+        )
+
+    def named(self, text: str, latex: str | None = None) -> Expr:
+        """Return this expression labelled ``text`` (``latex`` in LaTeX) for rendering."""
+        return Expr(self.op, self.args, self.value, Label(text, latex if latex is not None else text))
+
+    def unlabelled(self) -> Expr:
+        """The same node without its display label."""
+        return self if self.label is None else Expr(self.op, self.args, self.value)
+
+    # arithmetic -------------------------------------------------------------
+    def __add__(self, other: ExprLike) -> Expr:
+        return Expr(Op.ADD, (self, as_expr(other)))
+
+    def __radd__(self, other: ExprLike) -> Expr:
+        return Expr(Op.ADD, (as_expr(other), self))
+
+    def __sub__(self, other: ExprLike) -> Expr:
+        return Expr(Op.SUB, (self, as_expr(other)))
+
+    def __rsub__(self, other: ExprLike) -> Expr:
+        return Expr(Op.SUB, (as_expr(other), self))
+
+    def __mul__(self, other: ExprLike) -> Expr:
+        return Expr(Op.MUL, (self, as_expr(other)))
+
+    def __rmul__(self, other: ExprLike) -> Expr:
+        return Expr(Op.MUL, (as_expr(other), self))
+
+    def __truediv__(self, other: ExprLike) -> Expr:
+        return Expr(Op.DIV, (self, as_expr(other)))
+
+    def __rtruediv__(self, other: ExprLike) -> Expr:
+        return Expr(Op.DIV, (as_expr(other), self))
+
+    def __pow__(self, other: ExprLike) -> Expr:
+        return Expr(Op.POW, (self, as_expr(other)))
+
+    def __rpow__(self, other: ExprLike) -> Expr:
+        return Expr(Op.POW, (as_expr(other), self))
+
+    def __neg__(self) -> Expr:
+        return Expr(Op.NEG, (self,))
+
+    def __abs__(self) -> Expr:
+        return Expr(Op.ABS, (self,))
+
+    # comparisons (== stays structural; see eq/ne) -----------------------------
+    def __lt__(self, other: ExprLike) -> Expr:
+        return Expr(Op.LT, (self, as_expr(other)))
+
+    def __le__(self, other: ExprLike) -> Expr:
+        return Expr(Op.LE, (self, as_expr(other)))
+
+    def __gt__(self, other: ExprLike) -> Expr:
+        return Expr(Op.GT, (self, as_expr(other)))
+
+    def __ge__(self, other: ExprLike) -> Expr:
+        return Expr(Op.GE, (self, as_expr(other)))
+
+    def __and__(self, other: Expr) -> Expr:
+        return Expr(Op.AND, (self, other))
+
+    def __or__(self, other: Expr) -> Expr:
+        return Expr(Op.OR, (self, other))
+
+    def __invert__(self) -> Expr:
+        return Expr(Op.NOT, (self,))
+
+
+def as_expr(x: ExprLike) -> Expr:
+    """Wrap a Python number as a constant; pass expressions through."""
+    if isinstance(x, Expr):
+        return x
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise SpecError(f"cannot use {x!r} ({type(x).__name__}) in a spec; use a number or an expression")
+    return Expr(Op.CONST, value=float(x))
+
+
+def const(value: Number) -> Expr:
+    """A numeric constant."""
+    return as_expr(value)
+
+
+def hyper(name: str) -> Expr:
+    """A reference to the hyperparameter ``name`` (declared in the spec)."""
+    return Expr(Op.HYPER, value=name)
+
+
+def state(name: str) -> Expr:
+    """A reference to the declared state ``name``, holding its value before this step."""
+    return Expr(Op.STATE, value=name)
+
+
+T = Expr(Op.STEP)
+"""The step counter t: 1 at the first step, incremented before use."""
+P = Expr(Op.PARAM)
+"""The parameter, before this step's update."""
+G = Expr(Op.GRAD)
+"""The gradient of the parameter."""
+
+
+def _unary(op: Op, x: ExprLike) -> Expr:
+    return Expr(op, (as_expr(x),))
+
+
+def _binary(op: Op, a: ExprLike, b: ExprLike) -> Expr:
+    return Expr(op, (as_expr(a), as_expr(b)))
+
+
+def sqrt(x: ExprLike) -> Expr:
+    """Square root."""
+    return _unary(Op.SQRT, x)
+
+
+def rsqrt(x: ExprLike) -> Expr:
+    """Reciprocal square root, 1 / sqrt(x)."""
+    return _unary(Op.RSQRT, x)
+
+
+def square(x: ExprLike) -> Expr:
+    """x * x."""
+    return _unary(Op.SQUARE, x)
+
+
+def sign(x: ExprLike) -> Expr:
+    """-1, 0 or +1 (0 at 0, as torch.sign)."""
+    return _unary(Op.SIGN, x)
+
+
+def exp(x: ExprLike) -> Expr:
+    """Natural exponential."""
+    return _unary(Op.EXP, x)
+
+
+def log(x: ExprLike) -> Expr:
+    """Natural logarithm."""
+    return _unary(Op.LOG, x)
+
+
+def maximum(a: ExprLike, b: ExprLike) -> Expr:
+    """Element-wise maximum (NaN-propagating, as torch.maximum)."""
+    return _binary(Op.MAXIMUM, a, b)
+
+
+def minimum(a: ExprLike, b: ExprLike) -> Expr:
+    """Element-wise minimum (NaN-propagating, as torch.minimum)."""
+    return _binary(Op.MINIMUM, a, b)
+
+
+def clamp(x: ExprLike, lo: ExprLike, hi: ExprLike) -> Expr:
+    """min(max(x, lo), hi)."""
+    return minimum(maximum(x, lo), hi)
+
+
+def eq(a: ExprLike, b: ExprLike) -> Expr:
+    """a == b, as a boolean expression."""
+    return _binary(Op.EQ, a, b)
+
+
+def ne(a: ExprLike, b: ExprLike) -> Expr:
+    """a != b, as a boolean expression."""
+    return _binary(Op.NE, a, b)
+
+
+def where(cond: Expr, if_true: ExprLike, if_false: ExprLike) -> Expr:
+    """Select ``if_true`` where ``cond`` holds, else ``if_false``.
+
+    With a condition that depends only on the step and hyperparameters (RAdam's
+    ``rho_t > 5``), a lowering picks the branch once per step on the host.
+    """
+    return Expr(Op.WHERE, (cond, as_expr(if_true), as_expr(if_false)))
+
+
+def tensor_sum(x: ExprLike) -> Expr:
+    """Sum over every element of the tensor: a per-tensor scalar."""
+    return _unary(Op.SUM, x)
+
+
+def tensor_mean(x: ExprLike) -> Expr:
+    """Mean over every element of the tensor (0 for an empty tensor)."""
+    return _unary(Op.MEAN, x)
+
+
+def norm(x: ExprLike) -> Expr:
+    """L2 norm over every element of the tensor."""
+    return _unary(Op.NORM, x)
+
+
+def max_abs(x: ExprLike) -> Expr:
+    """max |x| over every element of the tensor (0 for an empty tensor)."""
+    return _unary(Op.MAX_ABS, x)
+
+
+def row_mean(x: ExprLike) -> Expr:
+    """Mean over the last axis, kept as a size-1 axis: a (..., rows, 1) factor."""
+    return _unary(Op.ROW_MEAN, x)
+
+
+def col_mean(x: ExprLike) -> Expr:
+    """Mean over the second-to-last axis, kept as a size-1 axis: a (..., 1, cols) factor."""
+    return _unary(Op.COL_MEAN, x)
+
+
+def walk(roots: tuple[Expr, ...] | list[Expr]) -> list[Expr]:
+    """Every distinct node reachable from ``roots``, operands before their users."""
+    order: list[Expr] = []
+    seen: set[Expr] = set()
+    stack: list[tuple[Expr, bool]] = [(r, False) for r in reversed(list(roots))]
+    while stack:
+        node, expanded = stack.pop()
+        if node in seen:
+            continue
+        if expanded:
+            seen.add(node)
+            order.append(node)
+            continue
+        stack.append((node, True))
+        stack.extend((a, False) for a in reversed(node.args) if a not in seen)
+    return order
+
+
+def substitute(root: Expr, mapping: dict[Expr, Expr]) -> Expr:
+    """Replace every occurrence of a key of ``mapping`` in ``root`` (labels are kept)."""
+    memo: dict[Expr, Expr] = {}
+    for node in walk([root]):
+        if node in mapping:
+            memo[node] = mapping[node]
+        elif node.args:
+            new_args = tuple(memo[a] for a in node.args)
+            memo[node] = node if new_args == node.args else Expr(node.op, new_args, node.value, node.label)
+        else:
+            memo[node] = node
+    return memo[root]

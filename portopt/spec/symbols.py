@@ -1,0 +1,120 @@
+"""Declarations of a spec's symbols: hyperparameters (with constraints) and states."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from portopt.spec.errors import HyperparameterError
+from portopt.spec.expr import Expr, const
+
+
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of a hyperparameter: an interval, each end open or closed."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def contains(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        above = value >= self.low if self.low_inclusive else value > self.low
+        below = value <= self.high if self.high_inclusive else value < self.high
+        return above and below
+
+    def describe(self, name: str) -> str:
+        """Human form, e.g. ``0 <= beta1 < 1``."""
+        parts = []
+        if self.low != -math.inf:
+            parts.append(f"{_num(self.low)} {'<=' if self.low_inclusive else '<'} ")
+        parts.append(name)
+        if self.high != math.inf:
+            parts.append(f" {'<=' if self.high_inclusive else '<'} {_num(self.high)}")
+        return "".join(parts) if len(parts) > 1 else f"{name} is any real number"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+NON_NEGATIVE = Range(low=0.0)
+POSITIVE = Range(low=0.0, low_inclusive=False)
+UNIT_INTERVAL_OPEN_RIGHT = Range(low=0.0, high=1.0, high_inclusive=False)
+UNIT_INTERVAL = Range(low=0.0, high=1.0)
+ANY = Range()
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A numeric hyperparameter of an algorithm.
+
+    ``what`` is the phrase of torch.optim's error message ("learning rate" gives
+    ``Invalid learning rate: -1.0``); ``group_key``/``group_index`` say where the value
+    lives in a torch-style param group (``beta1`` is ``group["betas"][0]``).
+    """
+
+    name: str
+    default: float
+    constraint: Range = ANY
+    symbol: str = ""
+    latex: str = ""
+    doc: str = ""
+    what: str = ""
+    group_key: str = ""
+    group_index: int | None = None
+
+    @property
+    def text_symbol(self) -> str:
+        return self.symbol or self.name
+
+    @property
+    def latex_symbol(self) -> str:
+        return self.latex or rf"\mathrm{{{self.name}}}"
+
+    @property
+    def key(self) -> str:
+        """The param-group key holding this hyperparameter."""
+        return self.group_key or self.name
+
+    def check(self, value: float, algorithm: str) -> None:
+        """Raise :class:`HyperparameterError` if ``value`` violates the constraint."""
+        if not self.constraint.contains(float(value)):
+            what = self.what or f"{self.name} value"
+            raise HyperparameterError(
+                f"Invalid {what}: {value} ({algorithm}: {self.name} must satisfy "
+                f"{self.constraint.describe(self.name)})"
+            )
+
+
+class Layout(enum.Enum):
+    """How a state is stored relative to its parameter."""
+
+    ELEMENTWISE = "elementwise"  # same shape as the parameter
+    TENSOR = "tensor"  # one scalar per parameter tensor
+    ROW = "row"  # factored: one value per row, shape (..., rows, 1)
+    COL = "col"  # factored: one value per column, shape (..., 1, cols)
+
+
+@dataclass(frozen=True)
+class StateDecl:
+    """A declared optimizer state.
+
+    ``name`` is the key in the optimizer's per-parameter state (torch.optim's name
+    where torch has the algorithm, e.g. ``exp_avg``); ``init`` is its value before the
+    first step: an expression of constants, hyperparameters, ``P`` or ``G``.
+    """
+
+    name: str
+    symbol: str
+    latex: str = ""
+    init: Expr = const(0.0)
+    layout: Layout = Layout.ELEMENTWISE
+    doc: str = ""
+
+    @property
+    def latex_symbol(self) -> str:
+        return self.latex or self.symbol
