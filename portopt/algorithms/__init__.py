@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from portopt.algorithms.adabelief import adabelief
+from portopt.algorithms.adagrad import adagrad
 from portopt.algorithms.adam import adam, adamw
+from portopt.algorithms.adamax import adamax
+from portopt.algorithms.lamb import lamb
+from portopt.algorithms.lion import lion
+from portopt.algorithms.nadam import nadam
+from portopt.algorithms.radam import radam
+from portopt.algorithms.rmsprop import rmsprop
 from portopt.algorithms.sgd import sgd
 from portopt.spec.definition import OptionValue, Spec
 
@@ -18,6 +26,14 @@ ALGORITHMS: dict[str, SpecFactory] = {
     "sgd": sgd,
     "adam": adam,
     "adamw": adamw,
+    "adagrad": adagrad,
+    "rmsprop": rmsprop,
+    "nadam": nadam,
+    "adamax": adamax,
+    "radam": radam,
+    "adabelief": adabelief,
+    "lamb": lamb,
+    "lion": lion,
 }
 
 

@@ -11,7 +11,14 @@ running maximum of ``v`` (not of the bias-corrected ``v``).
 
 from __future__ import annotations
 
-from portopt.algorithms.common import beta, coupled_decay_gradient, decoupled_decay, epsilon, learning_rate, weight_decay
+from portopt.algorithms.common import (
+    beta,
+    coupled_decay_gradient,
+    decoupled_decay,
+    epsilon,
+    learning_rate,
+    weight_decay,
+)
 from portopt.spec.definition import Spec
 from portopt.spec.expr import G, P, T, hyper, maximum, sqrt, square, state
 from portopt.spec.symbols import StateDecl
@@ -25,7 +32,7 @@ REFERENCES = (
 
 def adam(*, amsgrad: bool = False, decoupled_weight_decay: bool = False) -> Spec:
     """Adam (coupled L2 weight decay), or AdamW with ``decoupled_weight_decay=True``."""
-    lr, b1, b2, eps, wd = (hyper(n) for n in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    lr, b1, b2, eps = (hyper(n) for n in ("lr", "beta1", "beta2", "eps"))
     g = G if decoupled_weight_decay else coupled_decay_gradient()
     m_t = b1 * state("exp_avg") + (1 - b1) * g
     v_t = b2 * state("exp_avg_sq") + (1 - b2) * square(g)

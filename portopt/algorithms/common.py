@@ -8,9 +8,7 @@ from portopt.spec.symbols import NON_NEGATIVE, UNIT_INTERVAL_OPEN_RIGHT, Hyperpa
 
 def learning_rate(default: float = 1e-3) -> Hyperparameter:
     """``lr >= 0``; torch's message: ``Invalid learning rate: ...``."""
-    return Hyperparameter(
-        "lr", default, NON_NEGATIVE, "lr", r"\eta", "learning rate", what="learning rate"
-    )
+    return Hyperparameter("lr", default, NON_NEGATIVE, "lr", r"\eta", "learning rate", what="learning rate")
 
 
 def beta(index: int, default: float) -> Hyperparameter:
