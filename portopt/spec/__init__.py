@@ -4,10 +4,10 @@ from portopt.spec.analysis import Kind, classify
 from portopt.spec.definition import Spec
 from portopt.spec.errors import HyperparameterError, SpecError
 from portopt.spec.expr import (
+    Expr,
     G,
     P,
     T,
-    Expr,
     clamp,
     col_mean,
     const,
@@ -31,22 +31,24 @@ from portopt.spec.expr import (
     where,
 )
 from portopt.spec.ops import Op
+from portopt.spec.render import render_expr, render_latex, render_text
+from portopt.spec.serialize import spec_from_dict, spec_from_json, spec_to_dict, spec_to_json
 from portopt.spec.symbols import Hyperparameter, Layout, Range, StateDecl
 
 __all__ = [
-    "G",
-    "P",
-    "T",
     "Expr",
+    "G",
     "Hyperparameter",
     "HyperparameterError",
     "Kind",
     "Layout",
     "Op",
+    "P",
     "Range",
     "Spec",
     "SpecError",
     "StateDecl",
+    "T",
     "clamp",
     "classify",
     "col_mean",
@@ -60,9 +62,16 @@ __all__ = [
     "minimum",
     "ne",
     "norm",
+    "render_expr",
+    "render_latex",
+    "render_text",
     "row_mean",
     "rsqrt",
     "sign",
+    "spec_from_dict",
+    "spec_from_json",
+    "spec_to_dict",
+    "spec_to_json",
     "sqrt",
     "square",
     "state",

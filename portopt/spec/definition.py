@@ -97,7 +97,7 @@ class Spec:
         return self._info[node].kind
 
     def check_hyperparameters(self, values: Mapping[str, float]) -> None:
-        """Raise if a value is missing, unknown, or violates its constraint."""
+        """Raise if a declared hyperparameter is missing or violates its constraint (extra keys are ignored)."""
         for h in self.hyperparameters:
             if h.name not in values:
                 raise SpecError(f"{self.name}: hyperparameter {h.name!r} has no value")

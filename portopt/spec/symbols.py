@@ -73,7 +73,7 @@ class Hyperparameter:
 
     @property
     def latex_symbol(self) -> str:
-        return self.latex or rf"\mathrm{{{self.name}}}"
+        return self.latex or rf"\mathrm{{{self.name}}}".replace("_", r"\_")
 
     @property
     def key(self) -> str:

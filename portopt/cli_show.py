@@ -1,0 +1,49 @@
+"""``portopt show ALGORITHM``: an algorithm's equations as text, LaTeX or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from portopt.cli import Subcommand, UsageError
+from portopt.cli_options import build_spec, parse_option
+from portopt.spec.definition import OptionValue, Spec
+from portopt.spec.render import render_latex, render_text
+from portopt.spec.serialize import spec_to_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("algorithm", help="algorithm name (see `portopt list`)")
+    parser.add_argument(
+        "-o",
+        "--option",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="structural options, e.g. amsgrad=true maximize=true (values: true/false, int, float, string)",
+    )
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--latex", action="store_true", help="print LaTeX (an aligned block) instead of text")
+    form.add_argument("--json", action="store_true", help="print the spec's JSON form (see portopt.spec.serialize)")
+
+
+def spec_from_args(algorithm: str, option_texts: list[str]) -> Spec:
+    """Build the spec named on the command line; bad input becomes a :class:`UsageError`."""
+    try:
+        options: dict[str, OptionValue] = dict(parse_option(text) for text in option_texts)
+        return build_spec(algorithm, options)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args.algorithm, args.option)
+    if args.json:
+        sys.stdout.write(spec_to_json(spec))
+    else:
+        print(render_latex(spec) if args.latex else render_text(spec))
+    return 0
+
+
+COMMAND = Subcommand("show", "print an algorithm's equations (text, LaTeX or JSON)", add_arguments, run)

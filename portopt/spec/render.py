@@ -1,0 +1,501 @@
+"""Text and LaTeX renderings of a spec: the equations in the order a paper writes them.
+
+A rendering is one equation per line:
+
+* labelled intermediates (``expr.named("α", r"\\alpha_t")``) as ``α = ...``, each defined
+  before its first use;
+* each state update as ``m ← β1·m + (1 − β1)·g``;
+* the parameter update ``p ← ...``, last.
+
+Inside an equation a node that *is* the new value of a state prints as that state's
+symbol, a labelled node prints as its label, and ``state(name)`` prints the value before
+the step. LaTeX tells the two apart by subscripts (``m_t`` is new, ``m_{t-1}`` is old;
+``\\theta_{t-1}`` and ``g_t`` for ``p`` and ``g``). The text form reads top to bottom like
+pseudo-code, so ``m`` means the latest value assigned; the equations are ordered so that
+every read of an old value comes before its overwrite, and where the spec makes that
+impossible (two states that read each other's old value) the old value prints as
+``m_{t-1}``.
+
+Parentheses follow precedence, loosest to tightest: ``∨``, ``∧``, comparisons, ``¬`` (its
+operand is parenthesised unless atomic: ``¬(a > b)``), ``+ −``, ``· /``, unary minus (so
+``−x^2`` is ``−(x^2)``), ``√``, ``^``, atoms. A right operand of equal precedence
+keeps its parentheses (``a − (b − c)``, ``a/(b·c)``), so the printed grouping is the
+tree's grouping; a negated value is parenthesised as a right operand (``a·(−b)``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from portopt.spec.definition import OptionValue, Spec
+from portopt.spec.expr import Expr
+from portopt.spec.ops import Op
+from portopt.spec.symbols import Layout, Range
+
+__all__ = ["format_number", "render_expr", "render_latex", "render_text"]
+
+# Precedence levels, loosest to tightest.
+_OR, _AND, _CMP, _NOT, _ADD, _MUL, _NEG, _ROOT, _POW, _ATOM = range(10)
+
+_TEXT_MINUS = "\N{MINUS SIGN}"
+
+_COMPARE_TEXT = {Op.LT: "<", Op.LE: "≤", Op.GT: ">", Op.GE: "≥", Op.EQ: "=", Op.NE: "≠"}
+_COMPARE_LATEX = {Op.LT: "<", Op.LE: r"\le", Op.GT: ">", Op.GE: r"\ge", Op.EQ: "=", Op.NE: r"\neq"}
+_FUNCTION_TEXT = {
+    Op.SIGN: "sign",
+    Op.EXP: "exp",
+    Op.LOG: "log",
+    Op.MAXIMUM: "max",
+    Op.MINIMUM: "min",
+    Op.SUM: "sum",
+    Op.MEAN: "mean",
+    Op.ROW_MEAN: "rowmean",
+    Op.COL_MEAN: "colmean",
+}
+_FUNCTION_LATEX = {
+    Op.SIGN: r"\operatorname{sign}",
+    Op.EXP: r"\exp",
+    Op.LOG: r"\log",
+    Op.MAXIMUM: r"\max",
+    Op.MINIMUM: r"\min",
+    Op.SUM: r"\operatorname{sum}",
+    Op.MEAN: r"\operatorname{mean}",
+    Op.ROW_MEAN: r"\operatorname{rowmean}",
+    Op.COL_MEAN: r"\operatorname{colmean}",
+}
+_LAYOUT_WORDS = {Layout.TENSOR: "per tensor", Layout.ROW: "per row", Layout.COL: "per column"}
+
+_Key = tuple[str, object]  # ("state", name) | ("label", node) | ("param", "")
+_PARAM_KEY: _Key = ("param", "")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A rendered subexpression: its text, its precedence, and whether it can carry ``^``."""
+
+    text: str
+    prec: int
+    base_safe: bool = False
+
+
+@dataclass(frozen=True)
+class _Context:
+    """How leaves and references print in one equation."""
+
+    latex: bool
+    spec: Spec | None
+    refs: dict[Expr, _Key]
+    stale: frozenset[_Key] = frozenset()  # text form: values already overwritten above
+    initial: bool = False  # an initial value: LaTeX prints θ_0 and g_1
+
+
+# numbers ----------------------------------------------------------------------------
+def _magnitude(x: float) -> str:
+    """Shortest round-tripping form of a non-negative number: ``1``, ``0.9``, ``1e-8``."""
+    if x.is_integer() and x < 1e16:
+        return str(int(x))
+    text = repr(x)
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m[1] == "-" else "") + m[2], text)
+
+
+def _number(x: float, latex: bool) -> _Piece:
+    x = float(x)
+    if math.isnan(x):
+        return _Piece(r"\mathrm{NaN}" if latex else "nan", _ATOM, True)
+    negative = math.copysign(1.0, x) < 0
+    if math.isinf(x):
+        body = _Piece(r"\infty" if latex else "∞", _ATOM, True)
+    else:
+        text = _magnitude(abs(x))
+        if "e" not in text:
+            body = _Piece(text, _ATOM, True)
+        elif not latex:
+            body = _Piece(text, _ATOM, False)
+        else:
+            mantissa, exponent = text.split("e")
+            power = f"10^{{{exponent}}}"
+            body = _Piece(power, _POW) if mantissa == "1" else _Piece(rf"{mantissa} \cdot {power}", _MUL)
+    if not negative:
+        return body
+    return _Piece(("-" if latex else _TEXT_MINUS) + _wrap(body, body.prec <= _NEG, latex), _NEG)
+
+
+def format_number(x: float) -> str:
+    """A number as the text rendering prints it (``0.001``, ``1e-8``, ``−1``)."""
+    return _number(x, latex=False).text
+
+
+# symbols ----------------------------------------------------------------------------
+def _mathrm(name: str) -> str:
+    """A name without a LaTeX symbol, upright, its underscores escaped: ``\\mathrm{exp\\_avg}``."""
+    escaped = name.replace("_", r"\_")
+    return rf"\mathrm{{{escaped}}}"
+
+
+def _subscript(symbol: str, sub: str) -> str:
+    """``m`` -> ``m_t``; a symbol that already has a subscript is braced first."""
+    base = f"{{{symbol}}}" if re.search(r"(?<!\\)_", symbol) else symbol
+    return f"{base}_{sub}" if len(sub) == 1 else f"{base}_{{{sub}}}"
+
+
+def _hyper_symbol(name: str, ctx: _Context) -> str:
+    if ctx.spec is not None and name in ctx.spec.hyper_names:
+        h = ctx.spec.hyperparameter(name)
+        if ctx.latex:
+            return h.latex or _mathrm(name)
+        return h.text_symbol
+    return _mathrm(name) if ctx.latex else name
+
+
+def _state_symbol(name: str, ctx: _Context) -> str:
+    if ctx.spec is not None and name in ctx.spec.state_names:
+        s = ctx.spec.state_decl(name)
+        return s.latex_symbol if ctx.latex else s.symbol
+    return _mathrm(name) if ctx.latex else name
+
+
+def _old_state(name: str, ctx: _Context) -> str:
+    symbol = _state_symbol(name, ctx)
+    if ctx.latex:
+        return _subscript(symbol, "t-1")
+    return f"{symbol}_{{t-1}}" if ("state", name) in ctx.stale else symbol
+
+
+def _new_state(name: str, ctx: _Context) -> str:
+    symbol = _state_symbol(name, ctx)
+    return _subscript(symbol, "t") if ctx.latex else symbol
+
+
+def _leaf(node: Expr, ctx: _Context) -> _Piece:
+    if node.op is Op.CONST:
+        return _number(float(node.value or 0.0), ctx.latex)
+    if node.op is Op.HYPER:
+        return _Piece(_hyper_symbol(str(node.value), ctx), _ATOM, True)
+    if node.op is Op.STATE:
+        return _Piece(_old_state(str(node.value), ctx), _ATOM, True)
+    if node.op is Op.STEP:
+        return _Piece("t", _ATOM, True)
+    if node.op is Op.PARAM:
+        if ctx.latex:
+            return _Piece(r"\theta_0" if ctx.initial else r"\theta_{t-1}", _ATOM, True)
+        return _Piece("p_{t-1}" if _PARAM_KEY in ctx.stale else "p", _ATOM, True)
+    if node.op is Op.GRAD:
+        return _Piece(("g_1" if ctx.initial else "g_t") if ctx.latex else "g", _ATOM, True)
+    raise AssertionError(f"not a leaf: {node.op}")
+
+
+def _reference(key: _Key, ctx: _Context) -> _Piece:
+    kind, what = key
+    if kind == "state":
+        return _Piece(_new_state(str(what), ctx), _ATOM, True)
+    assert isinstance(what, Expr)
+    assert what.label is not None
+    return _Piece(what.label.latex if ctx.latex else what.label.text, _ATOM, True)
+
+
+# expressions ------------------------------------------------------------------------
+def _wrap(piece: _Piece, needed: bool, latex: bool) -> str:
+    if not needed:
+        return piece.text
+    if latex and (r"\frac" in piece.text or r"\begin" in piece.text):
+        return rf"\left({piece.text}\right)"
+    return f"({piece.text})"
+
+
+def _render(node: Expr, ctx: _Context, root: bool = False) -> _Piece:
+    """Render ``node``; below the root, references print as their symbol."""
+    if not root and node in ctx.refs:
+        return _reference(ctx.refs[node], ctx)
+    op, args = node.op, node.args
+    if not args:
+        return _leaf(node, ctx)
+    if op in (Op.ADD, Op.SUB):
+        return _infix(args, "+" if op is Op.ADD else ("-" if ctx.latex else _TEXT_MINUS), _ADD, ctx, spaced=True)
+    if op is Op.MUL:
+        return _product(args, ctx)
+    if op is Op.DIV:
+        return _quotient(_render(args[0], ctx), _render(args[1], ctx), ctx)
+    if op is Op.RSQRT:
+        return _quotient(_number(1.0, ctx.latex), _sqrt(_render(args[0], ctx), ctx), ctx)
+    if op is Op.SQRT:
+        return _sqrt(_render(args[0], ctx), ctx)
+    if op is Op.POW:
+        return _power(_render(args[0], ctx), _render(args[1], ctx), ctx)
+    if op is Op.SQUARE:
+        return _power(_render(args[0], ctx), _number(2.0, ctx.latex), ctx)
+    if op is Op.NEG:
+        operand = _render(args[0], ctx)
+        sign = "-" if ctx.latex else _TEXT_MINUS
+        return _Piece(sign + _wrap(operand, operand.prec <= _NEG, ctx.latex), _NEG)
+    if op in _COMPARE_TEXT:
+        symbol = (_COMPARE_LATEX if ctx.latex else _COMPARE_TEXT)[op]
+        left, right = _render(args[0], ctx), _render(args[1], ctx)
+        return _Piece(
+            f"{_wrap(left, left.prec <= _CMP, ctx.latex)} {symbol} {_wrap(right, right.prec <= _CMP, ctx.latex)}", _CMP
+        )
+    if op in (Op.AND, Op.OR):
+        prec = _AND if op is Op.AND else _OR
+        symbol = (r"\land" if op is Op.AND else r"\lor") if ctx.latex else ("∧" if op is Op.AND else "∨")
+        return _infix(args, symbol, prec, ctx, spaced=True)
+    if op is Op.NOT:
+        operand = _render(args[0], ctx)
+        sign = r"\lnot " if ctx.latex else "¬"
+        return _Piece(sign + _wrap(operand, operand.prec < _ATOM, ctx.latex), _NOT)
+    if op is Op.WHERE:
+        return _cases(node, ctx, root)
+    if op is Op.ABS:
+        inner = _render(args[0], ctx).text
+        return _Piece(rf"\lvert {inner} \rvert" if ctx.latex else f"|{inner}|", _ATOM, True)
+    if op is Op.NORM:
+        inner = _render(args[0], ctx).text
+        return _Piece(rf"\lVert {inner} \rVert" if ctx.latex else f"‖{inner}‖", _ATOM, True)
+    if op is Op.MAX_ABS:
+        inner = _render(args[0], ctx).text
+        return _Piece(rf"\max\lvert {inner} \rvert" if ctx.latex else f"max|{inner}|", _ATOM)
+    if op is Op.MINIMUM and args[0].op is Op.MAXIMUM and args[0] not in ctx.refs:
+        # clamp(x, lo, hi) is built as min(max(x, lo), hi): print it as written.
+        operands = (args[0].args[0], args[0].args[1], args[1])
+        return _call(r"\operatorname{clamp}" if ctx.latex else "clamp", operands, ctx)
+    name = (_FUNCTION_LATEX if ctx.latex else _FUNCTION_TEXT)[op]
+    return _call(name, args, ctx)
+
+
+def _infix(args: tuple[Expr, ...], symbol: str, prec: int, ctx: _Context, *, spaced: bool) -> _Piece:
+    left, right = _render(args[0], ctx), _render(args[1], ctx)
+    left_text = _wrap(left, left.prec < prec, ctx.latex)
+    right_text = _wrap(right, right.prec <= prec or right.prec == _NEG, ctx.latex)
+    joiner = f" {symbol} " if spaced else symbol
+    return _Piece(left_text + joiner + right_text, prec)
+
+
+def _product(args: tuple[Expr, ...], ctx: _Context) -> _Piece:
+    if not ctx.latex:
+        return _infix(args, "·", _MUL, ctx, spaced=False)
+    left, right = _render(args[0], ctx), _render(args[1], ctx)
+    left_text = _wrap(left, left.prec < _MUL, True)
+    right_text = _wrap(right, right.prec <= _MUL or right.prec == _NEG, True)
+    # Juxtapose as a paper does (β_1 m_{t-1}); a dot only where two numbers would touch.
+    joiner = r" \cdot " if right_text[:1].isdigit() else " "
+    return _Piece(left_text + joiner + right_text, _MUL)
+
+
+def _quotient(num: _Piece, den: _Piece, ctx: _Context) -> _Piece:
+    if ctx.latex:
+        return _Piece(rf"\frac{{{num.text}}}{{{den.text}}}", _ATOM)
+    num_text = _wrap(num, num.prec < _MUL, False)
+    den_text = _wrap(den, den.prec <= _MUL or den.prec == _NEG, False)
+    return _Piece(f"{num_text}/{den_text}", _MUL)
+
+
+def _sqrt(operand: _Piece, ctx: _Context) -> _Piece:
+    if ctx.latex:
+        return _Piece(rf"\sqrt{{{operand.text}}}", _ATOM)
+    return _Piece("√" + _wrap(operand, operand.prec < _ATOM, False), _ROOT)
+
+
+def _power(base: _Piece, exponent: _Piece, ctx: _Context) -> _Piece:
+    if ctx.latex:
+        base_text = _wrap(base, not base.base_safe, True)
+        if base.base_safe and ("^" in base_text or "'" in base_text):
+            base_text = f"{{{base_text}}}"  # v^{\max}_t or g'_t already carry a superscript
+        return _Piece(f"{base_text}^{{{exponent.text}}}", _POW)
+    base_text = _wrap(base, base.prec <= _POW or not base.base_safe, False)
+    return _Piece(f"{base_text}^{_wrap(exponent, exponent.prec < _ATOM, False)}", _POW)
+
+
+def _call(name: str, args: tuple[Expr, ...], ctx: _Context) -> _Piece:
+    inner = _Piece(", ".join(_render(a, ctx).text for a in args), _OR)
+    return _Piece(name + _wrap(inner, True, ctx.latex), _ATOM, True)
+
+
+def _cases(node: Expr, ctx: _Context, root: bool) -> _Piece:
+    """``where(c1, a, where(c2, b, c))`` as one case expression with three rows."""
+    rows: list[tuple[str, str]] = []
+    while node.op is Op.WHERE and (not rows or node not in ctx.refs):
+        cond, if_true, node = node.args
+        rows.append((_render(if_true, ctx).text, _render(cond, ctx).text))
+    otherwise = _render(node, ctx).text
+    if not ctx.latex:
+        body = "; ".join(f"{value} if {cond}" for value, cond in rows)
+        return _Piece(f"{{{body}; {otherwise} otherwise}}", _ATOM)
+    lines = [rf"{value} & \text{{if }} {cond}" for value, cond in rows]
+    lines.append(rf"{otherwise} & \text{{otherwise}}")
+    cases = r"\begin{cases} " + r" \\ ".join(lines) + r" \end{cases}"
+    # As an operand the right side of the brace is open: parenthesise it.
+    return _Piece(cases if root else rf"\left({cases}\right)", _ATOM)
+
+
+# equations --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Equation:
+    key: _Key
+    root: Expr
+    deps: tuple[_Key, ...]  # equations whose left-hand side it uses, in order of first use
+    reads: frozenset[_Key]  # states (and p) whose value before the step it reads
+
+
+def _new_value_refs(spec: Spec) -> dict[Expr, _Key]:
+    """Each state's new value, as a node: a leaf (``b ← g``) stays itself."""
+    refs: dict[Expr, _Key] = {}
+    for name, value in spec.updates:
+        if value.args and value not in refs:
+            refs[value] = ("state", name)
+    return refs
+
+
+def _scan(root: Expr, refs: dict[Expr, _Key]) -> tuple[list[_Key], set[_Key], list[Expr]]:
+    """References used by ``root``'s equation, old values it reads, and new labelled nodes."""
+    deps: list[_Key] = []
+    reads: set[_Key] = set()
+    labelled: list[Expr] = []
+    seen: set[Expr] = set()
+
+    def visit(node: Expr, is_root: bool) -> None:
+        if node in seen:
+            return
+        seen.add(node)
+        if not is_root and (node in refs or node.label is not None):
+            if node not in refs:
+                refs[node] = ("label", node)
+                labelled.append(node)
+            if refs[node] not in deps:
+                deps.append(refs[node])
+            return
+        if node.op is Op.STATE:
+            reads.add(("state", str(node.value)))
+        elif node.op is Op.PARAM:
+            reads.add(_PARAM_KEY)
+        for arg in node.args:
+            visit(arg, False)
+
+    visit(root, True)
+    return deps, reads, labelled
+
+
+def _equations(spec: Spec) -> tuple[list[_Equation], dict[Expr, _Key]]:
+    """Every equation of ``spec``, in reading order, and the reference of each named node."""
+    refs = _new_value_refs(spec)
+    roots: dict[_Key, Expr] = {("state", name): value for name, value in spec.updates}
+    roots[_PARAM_KEY] = spec.param_update
+    table: dict[_Key, _Equation] = {}
+    natural: list[_Key] = []
+
+    def visit(key: _Key) -> None:
+        if key in table:
+            return
+        deps, reads, labelled = _scan(roots[key], refs)
+        for node in labelled:
+            roots[("label", node)] = node
+        table[key] = _Equation(key, roots[key], tuple(deps), frozenset(reads))
+        for dep in deps:
+            visit(dep)
+        natural.append(key)
+
+    for key in list(roots):
+        visit(key)
+    return _schedule(table, natural), refs
+
+
+def _schedule(table: dict[_Key, _Equation], natural: list[_Key]) -> list[_Equation]:
+    """Definitions before uses; among the ready ones, an overwrite waits for the old value's readers."""
+    rank = {key: i for i, key in enumerate(natural)}
+    pending = set(natural)
+    ordered: list[_Equation] = []
+    while pending:
+        ready = [k for k in pending if all(d not in pending for d in table[k].deps)]
+        free = [k for k in ready if not any(k in table[o].reads for o in pending if o != k)]
+        chosen = min(free or ready, key=rank.__getitem__)
+        ordered.append(table[chosen])
+        pending.remove(chosen)
+    return ordered
+
+
+def _lhs(key: _Key, ctx: _Context) -> str:
+    kind, what = key
+    if kind == "state":
+        return _new_state(str(what), ctx)
+    if kind == "param":
+        return r"\theta_t" if ctx.latex else "p"
+    assert isinstance(what, Expr)
+    assert what.label is not None
+    return what.label.latex if ctx.latex else what.label.text
+
+
+def _equation_lines(spec: Spec, latex: bool) -> list[str]:
+    equations, refs = _equations(spec)
+    lines = []
+    written: set[_Key] = set()
+    for eq in equations:
+        ctx = _Context(latex, spec, refs, frozenset(written))
+        arrow = "=" if eq.key[0] == "label" else (r"\leftarrow" if latex else "←")
+        rhs = _render(eq.root, ctx, root=True).text
+        lhs = _lhs(eq.key, ctx)
+        if eq.key[0] == "label" and lhs == rhs:
+            continue  # a label that reads exactly as its definition (‖p‖ = ‖p‖) adds nothing
+        lines.append(f"{lhs} &{arrow} {rhs}" if latex else f"{lhs} {arrow} {rhs}")
+        if eq.key[0] != "label":
+            written.add(eq.key)
+    return lines
+
+
+# header -----------------------------------------------------------------------------
+def _constraint(r: Range, symbol: str, latex: bool) -> str:
+    """``β1`` in ``[0, 1)`` -> ``0 ≤ β1 < 1``; ``lr ≥ 0``; empty when any real number is accepted."""
+    le, ge = (r"\le", r"\ge") if latex else ("≤", "≥")
+    low, high = _number(r.low, latex).text, _number(r.high, latex).text
+    if r.low != -math.inf and r.high != math.inf:
+        return f"{low} {le if r.low_inclusive else '<'} {symbol} {le if r.high_inclusive else '<'} {high}"
+    if r.low != -math.inf:
+        return f"{symbol} {ge if r.low_inclusive else '>'} {low}"
+    if r.high != math.inf:
+        return f"{symbol} {le if r.high_inclusive else '<'} {high}"
+    return ""
+
+
+def _option_text(options: tuple[tuple[str, OptionValue], ...]) -> str:
+    return "".join(f", {k}={v}" for k, v in options)
+
+
+def _header(spec: Spec, latex: bool) -> list[str]:
+    ctx = _Context(latex, spec, {}, initial=True)
+    hypers = []
+    for h in spec.hyperparameters:
+        symbol = (h.latex or _mathrm(h.name)) if latex else h.text_symbol
+        notes = [h.name] if (latex or symbol != h.name) else []
+        constraint = _constraint(h.constraint, symbol, latex)
+        notes += [constraint] if constraint else []
+        hypers.append(f"{symbol} = {_number(h.default, latex).text}" + (f" ({', '.join(notes)})" if notes else ""))
+    states = []
+    for s in spec.states:
+        symbol = _subscript(s.latex_symbol, "0") if latex else s.symbol
+        notes = [s.name] + ([_LAYOUT_WORDS[s.layout]] if s.layout in _LAYOUT_WORDS else [])
+        states.append(f"{symbol} = {_render(s.init, ctx, root=True).text} ({', '.join(notes)})")
+    return [
+        f"{spec.title} ({spec.name}{_option_text(spec.options)})",
+        f"hyperparameters: {'; '.join(hypers) or 'none'}",
+        f"state: {'; '.join(states) or 'none'}",
+    ]
+
+
+# public -----------------------------------------------------------------------------
+def render_text(spec: Spec, *, header: bool = True) -> str:
+    """The spec as plain text: a header (title, hyperparameters, states), then one equation per line."""
+    return "\n".join([*(_header(spec, latex=False) if header else []), *_equation_lines(spec, latex=False)])
+
+
+def render_latex(spec: Spec, *, header: bool = True) -> str:
+    """The spec as a LaTeX ``aligned`` block; the header, if asked for, as ``%`` comment lines."""
+    comments = [f"% {line}" for line in _header(spec, latex=True)] if header else []
+    body = " \\\\\n".join(_equation_lines(spec, latex=True))
+    return "\n".join([*comments, r"\begin{aligned}", body, r"\end{aligned}"])
+
+
+def render_expr(expr: Expr, spec: Spec | None = None, *, latex: bool = False) -> str:
+    """One expression; with ``spec``, symbols come from its declarations and named nodes print by name."""
+    refs: dict[Expr, _Key] = {}
+    if spec is not None:
+        refs = _new_value_refs(spec)
+    _scan(expr, refs)  # labelled nodes below the root become references
+    return _render(expr, _Context(latex, spec, refs), root=True).text
