@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from portopt.lowering.torch_ops import Rule
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr
 from portopt.spec.ops import Op
 from portopt.spec.symbols import Layout, StateDecl
-
-from portopt.lowering.torch_ops import Rule
 
 HOST_SCALAR_DTYPE = torch.float64
 

@@ -52,10 +52,7 @@ def join(kinds: Iterable[Kind]) -> Kind:
     """The kind of an element-wise combination of values of the given kinds."""
     result = Kind.CONST
     for kind in kinds:
-        if {result, kind} == {Kind.ROW, Kind.COL}:
-            result = Kind.ELEMENT
-        else:
-            result = max(result, kind)
+        result = Kind.ELEMENT if {result, kind} == {Kind.ROW, Kind.COL} else max(result, kind)
     return result
 
 

@@ -111,8 +111,7 @@ class Spec:
             title=self.title,
             hyperparameters=self.hyperparameters,
             states=tuple(
-                StateDecl(s.name, s.symbol, s.latex, substitute(s.init, mapping), s.layout, s.doc)
-                for s in self.states
+                StateDecl(s.name, s.symbol, s.latex, substitute(s.init, mapping), s.layout, s.doc) for s in self.states
             ),
             updates=tuple((n, substitute(e, mapping)) for n, e in self.updates),
             param_update=substitute(self.param_update, mapping),

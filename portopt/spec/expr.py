@@ -20,13 +20,13 @@ Python ``bool``: write :func:`where` instead of ``if``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TypeAlias
 
 from portopt.spec.errors import SpecError
 from portopt.spec.ops import OP_INFO, Op
 
-Number = Union[int, float]
-ExprLike = Union["Expr", int, float]
+Number: TypeAlias = int | float
+ExprLike: TypeAlias = "Expr | int | float"
 
 
 @dataclass(frozen=True, eq=True)

@@ -47,6 +47,9 @@ UNIT_INTERVAL_OPEN_RIGHT = Range(low=0.0, high=1.0, high_inclusive=False)
 UNIT_INTERVAL = Range(low=0.0, high=1.0)
 ANY = Range()
 
+ZERO = const(0.0)
+"""The default initial value of a state."""
+
 
 @dataclass(frozen=True)
 class Hyperparameter:
@@ -85,8 +88,7 @@ class Hyperparameter:
         if not self.constraint.contains(float(value)):
             what = self.what or f"{self.name} value"
             raise HyperparameterError(
-                f"Invalid {what}: {value} ({algorithm}: {self.name} must satisfy "
-                f"{self.constraint.describe(self.name)})"
+                f"Invalid {what}: {value} ({algorithm}: {self.name} must satisfy {self.constraint.describe(self.name)})"
             )
 
 
@@ -111,7 +113,7 @@ class StateDecl:
     name: str
     symbol: str
     latex: str = ""
-    init: Expr = const(0.0)
+    init: Expr = ZERO
     layout: Layout = Layout.ELEMENTWISE
     doc: str = ""
 
