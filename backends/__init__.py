@@ -1,1 +1,142 @@
-"""Backends, imported as ``portopt.backends.<name>``; each registers itself on import."""
+"""Backends, imported as ``portopt.backends.<name>``; each registers itself on import.
+
+Importing this package registers the built-in backends (``reference``, ``torch``).
+Third-party backends register through the entry point group ``portopt.backends``: the
+entry point names a module (importing it registers), a
+:class:`~portopt.lowering.backend.Backend`, or a callable returning one. Entry points are
+loaded lazily, the first time a backend is looked up, listed or chosen, and a failing
+one is reported by :func:`available` instead of breaking the others.
+
+:func:`select_backend` picks, for a device, the usable backend of highest
+:attr:`~portopt.lowering.backend.Backend.priority` that lists the device's type
+(``backend="auto"``), or checks that a named one can run there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from typing import NamedTuple
+
+import torch
+
+from portopt.backends import reference, torch_generic
+from portopt.lowering.backend import Backend
+from portopt.lowering.registry import register_backend, registered_backends
+
+__all__ = ["BackendStatus", "available", "device_unavailable_reason", "load_entry_points", "select_backend"]
+
+BUILTIN = (reference.REFERENCE.name, torch_generic.TORCH_GENERIC.name)
+ENTRY_POINT_GROUP = "portopt.backends"
+
+_entry_point_failures: dict[str, str] = {}
+_entry_points_loaded = False
+
+
+class BackendStatus(NamedTuple):
+    """One row of :func:`available`: whether a backend can run here, and why (not)."""
+
+    name: str
+    usable: bool
+    reason: str
+
+
+def load_entry_points() -> None:
+    """Load the ``portopt.backends`` entry points once; remember why any of them failed."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+            if isinstance(loaded, Backend):
+                register_backend(loaded)
+            elif callable(loaded):
+                result = loaded()
+                if isinstance(result, Backend):
+                    register_backend(result)
+        except Exception as exc:  # a broken plug-in must not break the others
+            _entry_point_failures[entry.name] = (
+                f"entry point {entry.value!r} failed to load: {type(exc).__name__}: {exc}"
+            )
+
+
+_DEVICE_PACKAGES = {"npu": "torch_npu"}
+
+
+def device_unavailable_reason(device_type: str) -> str | None:
+    """``None`` if a device of ``device_type`` is present here, else why not."""
+    if device_type == "cpu":
+        return None
+    package = _DEVICE_PACKAGES.get(device_type)
+    if package is not None:
+        if importlib.util.find_spec(package) is None:
+            return f"package {package} is not installed"
+        try:
+            importlib.import_module(package)
+        except Exception as exc:  # a broken vendor install is a reason, not a crash
+            return f"package {package} failed to import: {type(exc).__name__}: {exc}"
+    if device_type == "mps":
+        present = torch.backends.mps.is_available()
+    else:
+        module = getattr(torch, device_type, None)
+        is_available = getattr(module, "is_available", None)
+        if is_available is None:
+            return f"this torch build has no {device_type} support (no torch.{device_type}.is_available)"
+        present = bool(is_available())
+    return None if present else f"no {device_type} device (torch.{device_type}.is_available() is False)"
+
+
+def _backend_reason(backend: Backend) -> str | None:
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        return reason
+    missing = {t: device_unavailable_reason(t) for t in backend.device_types}
+    if any(r is None for r in missing.values()):
+        return None
+    return "no supported device here: " + "; ".join(f"{r}" for r in missing.values())
+
+
+def available() -> list[BackendStatus]:
+    """Every known backend: usable here or not, and why (missing package, missing device)."""
+    load_entry_points()
+    rows = []
+    for name, backend in sorted(registered_backends().items()):
+        reason = _backend_reason(backend)
+        if reason is None:
+            here = [t for t in backend.device_types if device_unavailable_reason(t) is None]
+            rows.append(BackendStatus(name, True, f"usable on {', '.join(here)} (priority {backend.priority})"))
+        else:
+            rows.append(BackendStatus(name, False, reason))
+    rows.extend(BackendStatus(name, False, why) for name, why in sorted(_entry_point_failures.items()))
+    return rows
+
+
+def select_backend(device: torch.device | str, name: str = "auto") -> Backend:
+    """The backend to step tensors on ``device``: ``name``, or the best usable one for ``"auto"``."""
+    load_entry_points()
+    device_type = torch.device(device).type
+    backends = registered_backends()
+    if name != "auto":
+        if name not in backends:
+            why = _entry_point_failures.get(name)
+            known = ", ".join(sorted(backends)) or "none"
+            raise ValueError(f"unknown backend {name!r}" + (f" ({why})" if why else f"; registered backends: {known}"))
+        backend = backends[name]
+        if device_type not in backend.device_types:
+            raise ValueError(
+                f"backend {name!r} does not run on {device_type} tensors (it runs on: {', '.join(backend.device_types)})"
+            )
+        reason = backend.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend {name!r} is not usable here: {reason}")
+        return backend
+    candidates = [b for b in backends.values() if device_type in b.device_types and b.unavailable_reason() is None]
+    if not candidates:
+        raise ValueError(
+            f"no usable backend runs on {device_type} tensors; "
+            + "; ".join(f"{r.name}: {r.reason}" for r in available())
+        )
+    return max(candidates, key=lambda b: (b.priority, b.name))

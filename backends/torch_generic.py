@@ -1,0 +1,419 @@
+"""The generic torch backend ("torch"): any spec, on any device torch reaches.
+
+Every primitive is lowered to plain torch ops, so the same code runs on cpu, cuda, xpu,
+npu, mps, ... with nothing device-specific. A step over one param group:
+
+1. **Check** everything (:func:`~portopt.lowering.checks.check_step_inputs`); nothing is
+   written before this passes. Then create the states of parameters stepped for the
+   first time, from each state's ``init`` expression.
+2. **Bucket** the parameters by (device, dtypes of parameter, gradient and states, step
+   value ``t``): a bucket is a list of tensors that one sequence of ``torch._foreach_*``
+   calls processes (parameters at different steps get their own step scalars).
+3. **Host scalars** (:mod:`portopt.lowering.host`): every ``CONST``/``SCALAR`` value, once
+   per bucket, in float64 on the host; it enters the element-wise ops as a Python scalar.
+4. **Program** (:mod:`portopt.lowering.program`): the cached straight-line program for
+   this step's host decisions (taken branches, skipped ``x + 0·y``), with fused forms
+   (``lerp``, ``addcmul``, ``addcdiv``, ``add`` with ``alpha``) and in-place buffer reuse.
+   Each instruction runs as one ``torch._foreach_*`` call over the bucket where torch
+   has one for those operands, else as a per-tensor loop (broadcasting a per-tensor or
+   row/column value, comparisons, ``where``, reductions).
+5. **Commit**: new values that do not already live in their state's or parameter's
+   storage are copied there (ordered so that no pending value is overwritten first),
+   then the step counters are incremented.
+
+On the CPU this issues torch.optim's own calls for SGD, Adam, AdamW, Adagrad, RMSprop and
+Adamax, and the results are bit-identical to torch.optim's default implementation.
+
+Precision: arithmetic runs in the bucket's "opmath" dtype, float32 unless a float64
+tensor is involved; float16/bfloat16 parameters and states are read into float32
+temporaries and rounded once when stored. New states are kept like torch.optim's:
+element-wise (and row/column) states in the parameter's dtype and on its device,
+per-tensor states (NAdam's ``mu_product``) in at least float32; ``state_dtype=`` chooses
+otherwise (precision policies). Existing states keep whatever dtype they have.
+``step`` is a 0-d float32 CPU tensor (float64 under a float64 default dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from portopt.lowering.backend import Backend, Hypers, ParamState, step_counter_dtype
+from portopt.lowering.checks import check_step_inputs
+from portopt.lowering.host import HostValue, evaluate_host
+from portopt.lowering.interpreter import initial_state_values, state_shape
+from portopt.lowering.program import Instr, Program, SpecPlan
+from portopt.lowering.registry import register_backend
+from portopt.lowering.torch_ops import TORCH_RULES
+from portopt.spec.definition import Spec
+from portopt.spec.expr import Expr
+from portopt.spec.ops import Op
+from portopt.spec.symbols import Layout, StateDecl
+
+TensorList = list[Tensor]
+Value = HostValue | TensorList
+StateDtype = Callable[[StateDecl, Tensor], torch.dtype]
+
+DEVICE_TYPES = ("cpu", "cuda", "xpu", "npu", "mps", "hpu", "mtia", "privateuseone")
+"""Device types the backend is offered for: it has no device-specific code."""
+
+_COMMUTATIVE = frozenset({Op.ADD, Op.MUL, Op.MAXIMUM, Op.MINIMUM})
+
+# ---------------------------------------------------------------------------------------
+# Executing instructions over lists of tensors.
+
+_FOREACH_UNARY: dict[Op, tuple[Callable[..., Sequence[Tensor]], Callable[..., object]]] = {
+    Op.NEG: (torch._foreach_neg, torch._foreach_neg_),
+    Op.SQRT: (torch._foreach_sqrt, torch._foreach_sqrt_),
+    Op.ABS: (torch._foreach_abs, torch._foreach_abs_),
+    Op.SIGN: (torch._foreach_sign, torch._foreach_sign_),
+    Op.EXP: (torch._foreach_exp, torch._foreach_exp_),
+    Op.LOG: (torch._foreach_log, torch._foreach_log_),
+}
+_FOREACH_BINARY: dict[Op, tuple[Callable[..., Sequence[Tensor]], Callable[..., object]]] = {
+    Op.ADD: (torch._foreach_add, torch._foreach_add_),
+    Op.SUB: (torch._foreach_sub, torch._foreach_sub_),
+    Op.MUL: (torch._foreach_mul, torch._foreach_mul_),
+    Op.DIV: (torch._foreach_div, torch._foreach_div_),
+    Op.POW: (torch._foreach_pow, torch._foreach_pow_),
+    Op.MAXIMUM: (torch._foreach_maximum, torch._foreach_maximum_),
+    Op.MINIMUM: (torch._foreach_minimum, torch._foreach_minimum_),
+}
+_FUSED: dict[str, tuple[Callable[..., Sequence[Tensor]], Callable[..., object]]] = {
+    "addcmul": (torch._foreach_addcmul, torch._foreach_addcmul_),
+    "addcdiv": (torch._foreach_addcdiv, torch._foreach_addcdiv_),
+}
+_OUT_RULES: dict[Op, Callable[..., Tensor]] = {
+    Op.ADD: torch.add,
+    Op.SUB: torch.sub,
+    Op.MUL: torch.mul,
+    Op.DIV: torch.div,
+    Op.NEG: torch.neg,
+    Op.POW: torch.pow,
+    Op.SQRT: torch.sqrt,
+    Op.RSQRT: torch.rsqrt,
+    Op.SQUARE: torch.square,
+    Op.ABS: torch.abs,
+    Op.SIGN: torch.sign,
+    Op.EXP: torch.exp,
+    Op.LOG: torch.log,
+    Op.MAXIMUM: torch.maximum,
+    Op.MINIMUM: torch.minimum,
+}
+"""Element-wise torch functions that accept ``out=`` (for in-place per-tensor loops)."""
+_SCALAR_SECOND = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
+"""Ops whose second operand may be a Python number."""
+
+
+@dataclass
+class _Bucket:
+    """Parameters that share device, dtypes and step value: processed by the same calls."""
+
+    t: float
+    dtype: torch.dtype
+    device: torch.device
+    params: TensorList = field(default_factory=list)
+    grads: TensorList = field(default_factory=list)
+    states: list[ParamState] = field(default_factory=list)
+
+
+class _Runner:
+    """Executes a program over one bucket."""
+
+    def __init__(self, bucket: _Bucket, host: Mapping[Expr, HostValue]) -> None:
+        self.bucket = bucket
+        self.host = host
+        self.values: dict[Expr, TensorList] = {}
+
+    def scalar_tensor(self, value: HostValue) -> Tensor:
+        dtype = torch.bool if isinstance(value, bool) else self.bucket.dtype
+        return torch.tensor(value, dtype=dtype, device=self.bucket.device)
+
+    def load(self, tensors: TensorList) -> TensorList:
+        """``tensors`` in the compute dtype: the list itself, or float32/64 temporaries."""
+        dtype = self.bucket.dtype
+        return tensors if all(x.dtype == dtype for x in tensors) else [x.to(dtype) for x in tensors]
+
+    def run(self, program: Program, storage: Mapping[str | None, TensorList]) -> None:
+        b = self.bucket
+        for leaf in program.leaves:
+            if leaf.op is Op.PARAM:
+                self.values[leaf] = self.load(storage[None])
+            elif leaf.op is Op.GRAD:
+                self.values[leaf] = self.load(b.grads)
+            else:
+                self.values[leaf] = self.load(storage[str(leaf.value)])
+        for instr in program.instrs:
+            self.values[instr.node] = self.execute(instr)
+            for done in instr.release:
+                if done is not instr.node:
+                    self.values.pop(done, None)
+        self.commit(program, storage)
+
+    def arg(self, node: Expr, host: bool) -> Value:
+        return self.host[node] if host else self.values[node]
+
+    def execute(self, instr: Instr) -> TensorList:
+        args = [self.arg(o, h) for o, h in zip(instr.operands, instr.host, strict=True)]
+        if instr.form == "op":
+            return self.apply(instr, args)
+        scale = 1.0 if instr.scale is None else float(self.host[instr.scale])
+        if instr.negate:
+            scale = -scale
+        lists = [_as_list(a) for a in args]
+        first = lists[0]
+        inplace = instr.inplace == 0
+        if instr.form == "lerp":
+            if inplace:
+                torch._foreach_lerp_(first, lists[1], scale)
+                return first
+            return list(torch._foreach_lerp(first, lists[1], scale))
+        if instr.form == "axpy":
+            if inplace:
+                torch._foreach_add_(first, lists[1], alpha=scale)
+                return first
+            return list(torch._foreach_add(first, lists[1], alpha=scale))
+        fused, fused_ = _FUSED[instr.form]
+        if inplace:
+            fused_(first, lists[1], lists[2], value=scale)
+            return first
+        return list(fused(first, lists[1], lists[2], value=scale))
+
+    def apply(self, instr: Instr, args: list[Value]) -> TensorList:
+        op = instr.node.op
+        if instr.uniform:
+            result = self.foreach(op, args, instr.inplace)
+            if result is not None:
+                return result
+        if op is Op.NORM:
+            return list(torch._foreach_norm(_as_list(args[0])))
+        return self.loop(op, args, instr.inplace)
+
+    def foreach(self, op: Op, args: list[Value], inplace: int | None) -> TensorList | None:
+        """A foreach lowering of ``op`` when one exists for these operands, else ``None``."""
+        if op in _FOREACH_UNARY:
+            fn, fn_ = _FOREACH_UNARY[op]
+            x = _as_list(args[0])
+            if inplace == 0:
+                fn_(x)
+                return x
+            return list(fn(x))
+        if op is Op.SQUARE:
+            x = _as_list(args[0])
+            if inplace == 0:
+                torch._foreach_mul_(x, x)
+                return x
+            return list(torch._foreach_mul(x, x))
+        if op not in _FOREACH_BINARY:
+            return None
+        fn, fn_ = _FOREACH_BINARY[op]
+        a, b = args
+        if isinstance(a, list):
+            if inplace == 1 and isinstance(b, list):
+                if op not in _COMMUTATIVE:
+                    return None  # a ∘ b into b's buffer: per-tensor loop with out=
+                fn_(b, a)
+                return b
+            if inplace == 0:
+                fn_(a, b)
+                return a
+            return list(fn(a, b))
+        assert isinstance(b, list)
+        if op in _COMMUTATIVE:
+            if inplace == 1:
+                fn_(b, a)
+                return b
+            return list(fn(b, a))
+        if op is Op.SUB:  # s − b = (−b) + s, exactly
+            out = b if inplace == 1 else list(torch._foreach_neg(b))
+            if inplace == 1:
+                torch._foreach_neg_(b)
+            torch._foreach_add_(out, a)
+            return out
+        if op is Op.POW and inplace is None:
+            return list(torch._foreach_pow(a, b))
+        return None
+
+    def loop(self, op: Op, args: list[Value], inplace: int | None) -> TensorList:
+        """Per-tensor lowering (broadcasting operands, ops without a foreach form)."""
+        n = len(self.bucket.params)
+        fixed: list[Value | Tensor] = []
+        for pos, a in enumerate(args):
+            if isinstance(a, list) or (pos >= 1 and op in _SCALAR_SECOND and not isinstance(a, bool)):
+                fixed.append(a)
+            else:
+                fixed.append(self.scalar_tensor(a))
+        per = [[a[i] if isinstance(a, list) else a for a in fixed] for i in range(n)]
+        if inplace is not None:
+            out = _as_list(args[inplace])
+            fn = _OUT_RULES[op]
+            for i in range(n):
+                fn(*per[i], out=out[i])
+            return out
+        rule = TORCH_RULES[op]
+        return [rule(*per[i]) for i in range(n)]
+
+    def commit(self, program: Program, storage: Mapping[str | None, TensorList]) -> None:
+        """Store every new value in its state's or parameter's storage (rounding once).
+
+        A value may live in another target's buffer (it was computed in place there);
+        such a value is stored before that buffer is overwritten, and a cycle is broken
+        by copying one value out first.
+        """
+        pending: list[tuple[TensorList, Value]] = []
+        for name, root in program.commits:
+            dst = storage[name]
+            if program.kinds[root].kind.is_step_scalar:
+                pending.append((dst, self.host[root]))
+            elif self.values[root] is not dst:
+                pending.append((dst, self.values[root]))
+        while pending:
+            for index, (dst, _) in enumerate(pending):
+                if not any(other is dst for j, (_, other) in enumerate(pending) if j != index):
+                    break
+            else:
+                dst, value = pending[0]
+                pending[0] = (dst, [x.clone() for x in _as_list(value)])
+                continue
+            dst, value = pending.pop(index)
+            _store(dst, value)
+
+
+def _store(dst: TensorList, value: Value) -> None:
+    if not isinstance(value, list):
+        for x in dst:
+            x.fill_(value)
+    elif all(d.shape == v.shape for d, v in zip(dst, value, strict=True)):
+        torch._foreach_copy_(dst, value)
+    else:  # a per-tensor value stored into an element-wise buffer: broadcast
+        for d, v in zip(dst, value, strict=True):
+            d.copy_(v)
+
+
+def _as_list(value: Value | Tensor) -> TensorList:
+    assert isinstance(value, list)
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# The step function.
+
+
+def torch_state_dtype(decl: StateDecl, param: Tensor) -> torch.dtype:
+    """torch.optim's storage: the parameter's dtype; per-tensor states in at least float32."""
+    if decl.layout is Layout.TENSOR:
+        return torch.promote_types(param.dtype, torch.float32)
+    return param.dtype
+
+
+def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The "opmath" dtype: float64 if any tensor is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+class TorchStep:
+    """The generic torch step function of one spec (see the module docstring).
+
+    ``state_dtype(decl, param)`` chooses the storage dtype of a new state; the default
+    keeps torch.optim's choice (:func:`torch_state_dtype`).
+    """
+
+    def __init__(self, spec: Spec, state_dtype: StateDtype = torch_state_dtype) -> None:
+        self.spec = spec
+        self.plan = SpecPlan.of(spec)
+        self.state_dtype = state_dtype
+
+    def __call__(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
+    ) -> None:
+        check_step_inputs(self.spec, params, grads, states, hypers)
+        self.apply(params, grads, states, hypers)
+
+    @torch.no_grad()
+    def apply(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
+    ) -> None:
+        """The step without :func:`~portopt.lowering.checks.check_step_inputs` (run it first)."""
+        host_hypers = {name: float(value) for name, value in hypers.items()}
+        for param, grad, state in zip(params, grads, states, strict=True):
+            if not state:
+                state.update(self.initial_state(param, grad, hypers))
+        for bucket in self.buckets(params, grads, states):
+            self.step_bucket(bucket, host_hypers)
+
+    def initial_state(self, param: Tensor, grad: Tensor, hypers: Hypers) -> dict[str, Tensor]:
+        """The states of a parameter before its first step, and ``step`` = 0."""
+        state: dict[str, Tensor] = {}
+        general: list[StateDecl] = []
+        for decl in self.spec.states:
+            dtype = self.state_dtype(decl, param)
+            init = decl.init
+            if init.op in (Op.CONST, Op.HYPER):
+                value = float(init.value or 0.0) if init.op is Op.CONST else float(hypers[str(init.value)])
+                if decl.layout is Layout.ELEMENTWISE:
+                    state[decl.name] = torch.full_like(param, value, dtype=dtype, memory_format=torch.preserve_format)
+                else:
+                    shape = state_shape(decl, param.shape)
+                    state[decl.name] = torch.full(shape, value, dtype=dtype, device=param.device)
+            else:
+                general.append(decl)
+        if general:
+            opmath = compute_dtype([param.dtype, grad.dtype])
+            values = initial_state_values(self.spec, TORCH_RULES, param.to(opmath), grad.to(opmath), hypers)
+            for decl in general:
+                dtype = self.state_dtype(decl, param)
+                if decl.layout is Layout.ELEMENTWISE:
+                    buffer = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                    state[decl.name] = buffer.copy_(values[decl.name])
+                else:
+                    state[decl.name] = values[decl.name].to(dtype)
+        state["step"] = torch.tensor(0.0, dtype=step_counter_dtype())
+        return state
+
+    def buckets(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState]) -> list[_Bucket]:
+        """Group the parameters by device, dtypes and next step value."""
+        names = self.spec.state_names
+        buckets: dict[tuple[object, ...], _Bucket] = {}
+        for param, grad, state in zip(params, grads, states, strict=True):
+            t = float(state["step"]) + 1.0
+            state_dtypes = tuple(state[n].dtype for n in names)
+            key = (param.device, param.dtype, grad.dtype, state_dtypes, t)
+            bucket = buckets.get(key)
+            if bucket is None:
+                dtype = compute_dtype([param.dtype, grad.dtype, *state_dtypes])
+                bucket = buckets[key] = _Bucket(t, dtype, param.device)
+            bucket.params.append(param)
+            bucket.grads.append(grad)
+            bucket.states.append(state)
+        return list(buckets.values())
+
+    def step_bucket(self, bucket: _Bucket, hypers: Mapping[str, float]) -> None:
+        host: dict[Expr, HostValue] = {}
+        evaluate_host(self.plan.host_nodes, bucket.t, hypers, host)
+        grad_writable = bucket.grads[0].dtype != bucket.dtype
+        program = self.plan.program(host, grad_writable)
+        evaluate_host(program.host_nodes, bucket.t, hypers, host)
+        storage: dict[str | None, TensorList] = {None: bucket.params}
+        for name in self.spec.state_names:
+            storage[name] = [s[name] for s in bucket.states]
+        _Runner(bucket, host).run(program, storage)
+        torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
+
+
+def build_torch_step(spec: Spec) -> TorchStep:
+    """The generic torch step function of ``spec``."""
+    return TorchStep(spec)
+
+
+TORCH_GENERIC = register_backend(
+    Backend(
+        name="torch",
+        summary="generic torch ops (foreach where they help): every spec, every device torch reaches",
+        device_types=DEVICE_TYPES,
+        build=build_torch_step,
+        priority=0,
+    )
+)

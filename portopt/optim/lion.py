@@ -1,0 +1,35 @@
+"""``portopt.Lion`` (torch.optim has no Lion)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from portopt.optim.named import NamedOptimizer
+from portopt.optim.optimizer import ParamsT
+from portopt.optim.torch_flags import check_lr
+
+
+class Lion(NamedOptimizer):
+    """Lion (Chen et al., NeurIPS 2023): the sign of an interpolated momentum, decoupled decay.
+
+    Arguments in torch.optim's style: ``lr`` (default 1e-4, typically 3-10x below AdamW's),
+    ``betas`` (default (0.9, 0.99): interpolation and momentum), ``weight_decay``
+    (decoupled), ``maximize``. State: ``exp_avg``.
+    """
+
+    algorithm = "lion"
+    check_order = ("lr", "beta1", "beta2", "weight_decay")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        check_lr(lr)
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize}
+        self._setup(params, defaults, backend)

@@ -1,0 +1,159 @@
+"""Loading checkpoints: torch.optim's layout, checked before anything changes.
+
+A portopt optimizer's ``state_dict()`` is torch.optim's (the inherited method): the same
+param-group keys and, per parameter, the same state names (``step``, ``exp_avg``, ...),
+so checkpoints move both ways between ``torch.optim.X`` and ``portopt.X``.
+
+:func:`load` differs from ``torch.optim.Optimizer.load_state_dict`` in three ways:
+
+* everything is checked first (group count and sizes with torch's messages; each group's
+  keys, options and values; each parameter's state names and shapes), and any mismatch
+  raises ``ValueError`` naming the group/parameter, before the optimizer changes;
+* a state keeps its dtype (torch casts every state to its parameter's dtype, which would
+  turn an fp32 moment of a bf16 parameter into bf16) and moves to its parameter's device;
+* ``step`` is kept on the host as a 0-d floating tensor; where torch.optim keeps no step
+  counter (SGD), a state without one is taken as "at least one step done" (``step = 1``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from copy import deepcopy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from portopt.lowering.backend import step_counter_dtype
+from portopt.lowering.interpreter import state_shape
+from portopt.spec.definition import Spec
+
+if TYPE_CHECKING:
+    from portopt.optim.optimizer import Optimizer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit this optimizer (another algorithm, other groups or shapes)."""
+
+
+def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
+    """Load ``state_dict`` into ``optimizer`` (see the module docstring); all or nothing."""
+    state_dict = dict(state_dict)
+    for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    if not {"state", "param_groups"} <= set(state_dict):
+        raise CheckpointError(
+            f"not an optimizer state dict: it has keys {sorted(map(str, state_dict))}, "
+            "expected 'state' and 'param_groups'"
+        )
+    groups = optimizer.param_groups
+    saved_groups = deepcopy(state_dict["param_groups"])
+    if len(groups) != len(saved_groups):
+        raise CheckpointError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups, strict=True)):
+        raise CheckpointError(
+            "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+        )
+
+    specs: dict[Any, tuple[Spec, Tensor, str]] = {}
+    new_groups = []
+    for index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        for key, value in optimizer.option_defaults.items():
+            saved.setdefault(key, value)
+        saved.update(optimizer.forced_options)
+        spec = _group_spec(optimizer, saved, index)
+        for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"], strict=True)):
+            specs[saved_id] = (spec, param, f"param group {index}, parameter {position} (shape {tuple(param.shape)})")
+        saved["params"] = group["params"]
+        if "param_names" in group and "param_names" not in saved:
+            saved["param_names"] = group["param_names"]
+        new_groups.append(saved)
+
+    state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+    for key, value in state_dict["state"].items():
+        if key not in specs:
+            state[key] = value  # state of no parameter of ours: kept as is, as torch does
+            continue
+        spec, param, where = specs[key]
+        converted = convert_state(spec, value, param, where, optimizer.torch_keeps_step)
+        if converted:
+            state[param] = converted
+
+    optimizer.__setstate__({"state": state, "param_groups": new_groups})
+    for post_hook in optimizer._optimizer_load_state_dict_post_hooks.values():
+        post_hook(optimizer)
+
+
+def _group_spec(optimizer: Optimizer, saved: dict[str, Any], index: int) -> Spec:
+    keys = ", ".join(sorted(str(k) for k in saved if k != "params"))
+    try:
+        spec = optimizer.group_spec(saved)
+    except KeyError as exc:
+        missing = repr(exc.args[0])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint param group {index}: {exc}") from exc
+    else:
+        absent = dict.fromkeys(h.key for h in spec.hyperparameters if h.key not in saved)
+        if not absent:
+            try:
+                optimizer.check_group(saved)
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint param group {index}: {exc}") from exc
+            return spec
+        missing = ", ".join(map(repr, absent))
+    raise CheckpointError(
+        f"checkpoint param group {index} has no {missing} (its keys: {keys}); "
+        f"is it a checkpoint of another algorithm than {type(optimizer).__name__}?"
+    )
+
+
+def convert_state(
+    spec: Spec, value: Any, param: Tensor, where: str, torch_keeps_step: bool = True
+) -> dict[str, Tensor]:
+    """One parameter's checkpointed state, checked and moved to ``param``'s device (dtypes kept)."""
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{where}: the checkpoint's state is a {type(value).__name__}, not a dict")
+    entries = {k: v for k, v in value.items() if v is not None}  # old torch SGD stored momentum_buffer=None
+    if not entries:
+        return {}
+    expected = set(spec.state_names)
+    unknown, missing = set(entries) - expected - {"step"}, expected - set(entries)
+    if unknown or missing:
+        raise CheckpointError(
+            f"{where}: the checkpoint has state {sorted(entries)}, but {spec.title} keeps {sorted(expected | {'step'})}"
+            f"{' (unexpected: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}"
+            f"{' (missing: ' + ', '.join(sorted(missing)) + ')' if missing else ''}; "
+            "is it a checkpoint of another algorithm or option set?"
+        )
+    converted: dict[str, Tensor] = {"step": _step(entries.get("step"), where, torch_keeps_step)}
+    for decl in spec.states:
+        tensor = entries[decl.name]
+        shape = state_shape(decl, param.shape)
+        if not isinstance(tensor, Tensor):
+            raise CheckpointError(f"{where}: state {decl.name!r} is a {type(tensor).__name__}, not a tensor")
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{where}: state {decl.name!r} has shape {tuple(tensor.shape)}, the parameter needs {shape}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{where}: state {decl.name!r} has dtype {tensor.dtype}; a floating dtype is needed")
+        converted[decl.name] = tensor.to(device=param.device)
+    return converted
+
+
+def _step(step: Any, where: str, torch_keeps_step: bool) -> Tensor:
+    if step is None:
+        if torch_keeps_step:
+            raise CheckpointError(f"{where}: the checkpoint's state has no 'step'")
+        return torch.tensor(1.0, dtype=step_counter_dtype())
+    if isinstance(step, Tensor):
+        if step.numel() != 1:
+            raise CheckpointError(f"{where}: 'step' has shape {tuple(step.shape)}; a single number is needed")
+        dtype = step.dtype if step.is_floating_point() else step_counter_dtype()
+        return step.detach().to(device="cpu", dtype=dtype).reshape(())
+    if isinstance(step, (int, float)) and not isinstance(step, bool):
+        return torch.tensor(float(step), dtype=step_counter_dtype())
+    raise CheckpointError(f"{where}: 'step' is {step!r}; a number or a 1-element tensor is needed")
