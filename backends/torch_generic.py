@@ -29,7 +29,9 @@ tensor is involved; float16/bfloat16 parameters and states are read into float32
 temporaries and rounded once when stored. New states are kept like torch.optim's:
 element-wise (and row/column) states in the parameter's dtype and on its device,
 per-tensor states (NAdam's ``mu_product``) in at least float32; ``state_dtype=`` chooses
-otherwise (precision policies). Existing states keep whatever dtype they have.
+otherwise. Existing states keep whatever dtype they have. Precision policies (bf16 and 8-bit
+states, stochastic rounding) are served by :class:`~portopt.backends.torch_policy.PolicyStep`,
+which hooks into the reads and stores of this executor (``build_with_policy``).
 ``step`` is a 0-d float32 CPU tensor (float64 under a float64 default dtype).
 """
 
@@ -41,13 +43,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from portopt.lowering.backend import Backend, Hypers, ParamState, step_counter_dtype
+from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.host import HostValue, evaluate_host
 from portopt.lowering.interpreter import initial_state_values, state_shape
 from portopt.lowering.program import Instr, Program, SpecPlan
 from portopt.lowering.registry import register_backend
 from portopt.lowering.torch_ops import TORCH_RULES
+from portopt.precision.policy import PrecisionPolicy
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr
 from portopt.spec.ops import Op
@@ -118,6 +121,8 @@ class _Bucket:
     params: TensorList = field(default_factory=list)
     grads: TensorList = field(default_factory=list)
     states: list[ParamState] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    """Stable numbers of the parameters (only a precision-policy step uses them)."""
 
 
 class _Runner:
@@ -263,23 +268,27 @@ class _Runner:
         such a value is stored before that buffer is overwritten, and a cycle is broken
         by copying one value out first.
         """
-        pending: list[tuple[TensorList, Value]] = []
+        pending: list[tuple[str | None, TensorList, Value]] = []
         for name, root in program.commits:
             dst = storage[name]
             if program.kinds[root].kind.is_step_scalar:
-                pending.append((dst, self.host[root]))
+                pending.append((name, dst, self.host[root]))
             elif self.values[root] is not dst:
-                pending.append((dst, self.values[root]))
+                pending.append((name, dst, self.values[root]))
         while pending:
-            for index, (dst, _) in enumerate(pending):
-                if not any(other is dst for j, (_, other) in enumerate(pending) if j != index):
+            for index, (_, dst, _) in enumerate(pending):
+                if not any(other is dst for j, (_, _, other) in enumerate(pending) if j != index):
                     break
             else:
-                dst, value = pending[0]
-                pending[0] = (dst, [x.clone() for x in _as_list(value)])
+                name, dst, value = pending[0]
+                pending[0] = (name, dst, [x.clone() for x in _as_list(value)])
                 continue
-            dst, value = pending.pop(index)
-            _store(dst, value)
+            name, dst, value = pending.pop(index)
+            self.store(name, dst, value)
+
+    def store(self, name: str | None, dst: TensorList, value: Value) -> None:
+        """Store the new value of state ``name`` (``None``: the parameter) into ``dst``."""
+        _store(dst, value)
 
 
 def _store(dst: TensorList, value: Value) -> None:
@@ -346,10 +355,16 @@ class TorchStep:
 
     def initial_state(self, param: Tensor, grad: Tensor, hypers: Hypers) -> dict[str, Tensor]:
         """The states of a parameter before its first step, and ``step`` = 0."""
+        return self.new_state(param, grad, hypers, {d.name: self.state_dtype(d, param) for d in self.spec.states})
+
+    def new_state(
+        self, param: Tensor, grad: Tensor, hypers: Hypers, dtypes: Mapping[str, torch.dtype]
+    ) -> dict[str, Tensor]:
+        """Every state at its initial value in ``dtypes[name]``, and ``step`` = 0."""
         state: dict[str, Tensor] = {}
         general: list[StateDecl] = []
         for decl in self.spec.states:
-            dtype = self.state_dtype(decl, param)
+            dtype = dtypes[decl.name]
             init = decl.init
             if init.op in (Op.CONST, Op.HYPER):
                 value = float(init.value or 0.0) if init.op is Op.CONST else float(hypers[str(init.value)])
@@ -364,7 +379,7 @@ class TorchStep:
             opmath = compute_dtype([param.dtype, grad.dtype])
             values = initial_state_values(self.spec, TORCH_RULES, param.to(opmath), grad.to(opmath), hypers)
             for decl in general:
-                dtype = self.state_dtype(decl, param)
+                dtype = dtypes[decl.name]
                 if decl.layout is Layout.ELEMENTWISE:
                     buffer = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format)
                     state[decl.name] = buffer.copy_(values[decl.name])
@@ -390,6 +405,10 @@ class TorchStep:
             bucket.states.append(state)
         return list(buckets.values())
 
+    def runner(self, bucket: _Bucket, host: Mapping[Expr, HostValue]) -> _Runner:
+        """The executor of this step's program over ``bucket``."""
+        return _Runner(bucket, host)
+
     def step_bucket(self, bucket: _Bucket, hypers: Mapping[str, float]) -> None:
         host: dict[Expr, HostValue] = {}
         evaluate_host(self.plan.host_nodes, bucket.t, hypers, host)
@@ -399,13 +418,20 @@ class TorchStep:
         storage: dict[str | None, TensorList] = {None: bucket.params}
         for name in self.spec.state_names:
             storage[name] = [s[name] for s in bucket.states]
-        _Runner(bucket, host).run(program, storage)
+        self.runner(bucket, host).run(program, storage)
         torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
 
 
 def build_torch_step(spec: Spec) -> TorchStep:
     """The generic torch step function of ``spec``."""
     return TorchStep(spec)
+
+
+def build_policy_step(spec: Spec, policy: PrecisionPolicy) -> PolicyStepFunction:
+    """The generic torch step function of ``spec`` storing states as ``policy`` says."""
+    from portopt.backends.torch_policy import PolicyStep  # it builds on this module
+
+    return PolicyStep(spec, policy)
 
 
 TORCH_GENERIC = register_backend(
@@ -415,5 +441,6 @@ TORCH_GENERIC = register_backend(
         device_types=DEVICE_TYPES,
         build=build_torch_step,
         priority=0,
+        build_with_policy=build_policy_step,
     )
 )

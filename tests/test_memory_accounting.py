@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+import portopt
 from portopt.algorithms import get_spec
 from portopt.cli import main
 from portopt.lowering.backend import step_counter_dtype
@@ -172,3 +173,55 @@ def test_cli_memory(capsys: pytest.CaptureFixture[str]) -> None:
     _, err = capsys.readouterr()
     assert code == 2
     assert "--model-shapes: bad shape '12xq'" in err
+
+
+OPTIMIZERS: dict[str, tuple[str, dict[str, float]]] = {
+    "adam": ("Adam", {}),
+    "adamw": ("AdamW", {}),
+    "lion": ("Lion", {}),
+    "sgd": ("SGD", {"momentum": 0.9}),
+    "nadam": ("NAdam", {}),
+    "adagrad": ("Adagrad", {}),
+}
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "policy"),
+    [
+        ("adam", "torch"),
+        ("adam", "mixed-bf16"),
+        ("adam", "q8-states"),
+        ("adam", "mixed-bf16-q8"),
+        ("adamw", "mixed-fp16,exp_avg=q8,exp_avg_sq=bf16"),
+        ("adam", "pure-bf16-sr"),
+        ("lion", "q8-states"),
+        ("sgd", "mixed-bf16-q8"),
+        ("nadam", "q8-states,block_size=100"),
+        ("adagrad", "q8-states"),
+    ],
+)
+def test_states_built_by_the_optimizer_take_the_accounted_bytes(algorithm: str, policy: str) -> None:
+    """A real optimizer takes a step with ``precision=policy``; the storages its state holds (master copies,
+    each state with 8-bit codes and absmax, step counters, the shared 8-bit maps) measure exactly what
+    :func:`memory_for_params` accounts, component by component."""
+    name, kwargs = OPTIMIZERS[algorithm]
+    pol = parse_policy(policy)
+    model = make_model(pol.param_dtype or torch.float32)
+    params = list(model.parameters())
+    opt = getattr(portopt, name)(params, precision=policy, **kwargs)
+    model(torch.randn(3, 64, dtype=params[0].dtype)).sum().backward()
+    opt.step()
+    spec = opt.group_spec(opt.param_groups[0])
+    accounting = memory_for_params(spec, pol, params)
+    held = [opt.state[p] for p in params]
+    assert accounting.master == storages([s["master"] for s in held if "master" in s])
+    assert accounting.step == storages([s["step"] for s in held])
+    maps: list[torch.Tensor] = []
+    for decl in spec.states:
+        tensors: list[torch.Tensor] = []
+        for s in held:
+            tensors += _tensors(s[decl.name])
+            if isinstance(s[decl.name], Q8State):
+                maps.append(s[decl.name].qmap)
+        assert accounting.states[decl.name] == storages(tensors), decl.name
+    assert accounting.maps == storages(maps)

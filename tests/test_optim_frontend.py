@@ -290,10 +290,11 @@ def test_grad_scaler_unscales_and_skips_like_torch() -> None:
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "Adamax", "RAdam"])
 def test_constructor_signature_is_torchs(name: str) -> None:
-    """Same parameter names, kinds (positional or keyword-only), order and defaults; plus ``backend``."""
+    """Same parameter names, kinds (positional or keyword-only), order and defaults; plus portopt's additions."""
     theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
     ours = dict(inspect.signature(getattr(portopt, name).__init__).parameters)
-    assert ours.pop("backend").kind is inspect.Parameter.KEYWORD_ONLY
+    for added in ("backend", "precision", "skip_nonfinite"):  # portopt's keyword-only additions
+        assert ours.pop(added).kind is inspect.Parameter.KEYWORD_ONLY
     assert list(ours) == list(theirs)
     for key, parameter in theirs.items():
         assert ours[key].kind == parameter.kind, key

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from portopt.spec.definition import Spec
+
+if TYPE_CHECKING:
+    from portopt.precision.policy import PrecisionPolicy
 
 ParamState = MutableMapping[str, Tensor]
 Hypers = Mapping[str, float | Tensor]
@@ -35,12 +38,43 @@ class StepFunction(Protocol):
     ) -> None: ...
 
 
+class PolicyStepFunction(Protocol):
+    """A step that stores states as a precision policy says (see :attr:`Backend.build_with_policy`).
+
+    ``params`` are the tensors updated (a parameter, or its float32 master copy); ``param_dtypes``
+    are the dtypes of the model's parameters, for which the policy chooses each state's storage
+    (``None``: those of ``params``); ``indices`` number the parameters stably across the whole
+    optimizer, for the noise of stochastic rounding (``None``: their positions in ``params``).
+    States may hold :class:`~portopt.precision.quantize.Q8State` values.
+    """
+
+    def __call__(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        *,
+        param_dtypes: Sequence[torch.dtype] | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> None: ...
+
+
 @dataclass(frozen=True)
 class Backend:
     """A registered lowering target.
 
     ``device_types`` lists the torch device types it runs on; ``unavailable_reason``
     returns ``None`` when it can run here, else why not (missing package or device).
+
+    Precision policies (:mod:`portopt.precision`): the front end handles master weights and
+    loss scaling for every backend (a backend steps the master copy, with unscaled
+    gradients). A backend without ``build_with_policy`` creates states as torch.optim does
+    (in the stepped tensor's dtype, per-tensor states in at least float32) and serves only
+    the policies that ask for exactly that; ``build_with_policy(spec, policy)`` returns a
+    :class:`PolicyStepFunction` that stores every state as ``policy`` says (bf16, 8-bit,
+    stochastic rounding). The front end refuses, with the reason, a policy that a named
+    backend cannot honour; ``backend="auto"`` then picks the best usable backend that can.
     """
 
     name: str
@@ -49,6 +83,7 @@ class Backend:
     build: Callable[[Spec], StepFunction]
     unavailable_reason: Callable[[], str | None] = lambda: None
     priority: int = 0
+    build_with_policy: Callable[[Spec, PrecisionPolicy], PolicyStepFunction] | None = None
 
 
 def step_counter_dtype() -> torch.dtype:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from portopt.lowering.backend import Hypers, ParamState
 from portopt.lowering.interpreter import state_shape
+from portopt.precision.quantize import Q8State
 from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
 from portopt.spec.errors import HyperparameterError
@@ -72,6 +73,8 @@ def check_step_inputs(
     grads: Sequence[Tensor],
     states: Sequence[ParamState],
     hypers: Hypers,
+    *,
+    allow_quantized: bool = False,
 ) -> None:
     """Raise :class:`StepInputError` (or :class:`HyperparameterError`) unless a step can run.
 
@@ -79,6 +82,8 @@ def check_step_inputs(
     the parameter's shape and device; each parameter real floating point; each existing
     state complete (every declared state and ``step``), of the declared storage shape, on
     the parameter's device; parameters with >= 2 dims where the spec factors by rows/columns.
+    A state may be an 8-bit :class:`~portopt.precision.quantize.Q8State` only with
+    ``allow_quantized`` (a step that stores states as a precision policy says).
     """
     if not len(params) == len(grads) == len(states):
         raise StepInputError(
@@ -91,8 +96,8 @@ def check_step_inputs(
         # Cheap test first; the detailed checks below only run to say what is wrong.
         if not _param_fits(param, grad, matrices):
             _check_param(spec, index, param, grad, matrices)
-        if state and not _state_fits(spec, param, state):
-            _check_state(spec, index, param, state)
+        if state and not _state_fits(spec, param, state, allow_quantized):
+            _check_state(spec, index, param, state, allow_quantized)
             raise StepInputError(f"{spec.name}: the state of parameter {index} does not fit it")  # not reached
 
 
@@ -108,13 +113,17 @@ def _param_fits(param: Tensor, grad: object, matrices: bool) -> bool:
     )
 
 
-def _state_fits(spec: Spec, param: Tensor, state: ParamState) -> bool:
+def _state_fits(spec: Spec, param: Tensor, state: ParamState, allow_quantized: bool) -> bool:
     step: object = state.get("step")
     if not isinstance(step, Tensor) or step.numel() != 1 or not step.is_floating_point():
         return False
     shape, device = param.shape, param.device
     for decl in spec.states:
         value: object = state.get(decl.name)
+        if allow_quantized and isinstance(value, Q8State):
+            if value.device != device or value.shape != state_shape(decl, shape):
+                return False
+            continue
         if not isinstance(value, Tensor) or not value.is_floating_point() or value.device != device:
             return False
         if decl.layout is Layout.ELEMENTWISE:
@@ -152,7 +161,7 @@ def _check_param(spec: Spec, index: int, param: Tensor, grad: Tensor, matrices: 
         )
 
 
-def _check_state(spec: Spec, index: int, param: Tensor, state: ParamState) -> None:
+def _check_state(spec: Spec, index: int, param: Tensor, state: ParamState, allow_quantized: bool) -> None:
     where = f"{spec.name}: the state of parameter {index} (shape {tuple(param.shape)})"
     missing = [name for name in (*spec.state_names, "step") if name not in state]
     if missing:
@@ -164,9 +173,14 @@ def _check_state(spec: Spec, index: int, param: Tensor, state: ParamState) -> No
     if not isinstance(step, Tensor) or step.numel() != 1 or not step.is_floating_point():
         raise StepInputError(f"{where}: 'step' must be a 1-element floating-point tensor, got {step!r}")
     for decl in spec.states:
-        value = state[decl.name]
+        value: object = state[decl.name]
         expected = state_shape(decl, param.shape)
-        if not isinstance(value, Tensor):
+        if isinstance(value, Q8State) and not allow_quantized:
+            raise StepInputError(
+                f"{where}: state {decl.name!r} is 8-bit quantised; only a step that follows a precision policy "
+                "reads it (give the param group a precision= policy, on a backend that supports policies)"
+            )
+        if not isinstance(value, (Tensor, Q8State)):
             raise StepInputError(f"{where}: state {decl.name!r} is a {type(value).__name__}, not a tensor")
         if tuple(value.shape) != expected:
             raise StepInputError(
@@ -178,5 +192,5 @@ def _check_state(spec: Spec, index: int, param: Tensor, state: ParamState) -> No
                 f"{where}: state {decl.name!r} is on {value.device} but the parameter on {param.device}; "
                 "move the state (load_state_dict does this)"
             )
-        if not value.is_floating_point():
+        if isinstance(value, Tensor) and not value.is_floating_point():
             raise StepInputError(f"{where}: state {decl.name!r} has dtype {value.dtype}; a floating dtype is needed")

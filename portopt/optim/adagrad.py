@@ -7,6 +7,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_flags, check_lr
+from portopt.precision.policy import PrecisionPolicy
 
 
 class Adagrad(NamedOptimizer):
@@ -38,6 +39,8 @@ class Adagrad(NamedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {
@@ -51,5 +54,5 @@ class Adagrad(NamedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)
         check_flags(foreach=foreach, differentiable=differentiable, fused=fused)

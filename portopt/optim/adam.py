@@ -10,6 +10,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_betas, check_flags, check_lr
+from portopt.precision.policy import PrecisionPolicy
 from portopt.spec.definition import OptionValue
 
 Betas = tuple[float | Tensor, float | Tensor]
@@ -45,6 +46,8 @@ class Adam(NamedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr, foreach=foreach, capturable=capturable, foreach_limited=True)
         defaults = {
@@ -60,7 +63,7 @@ class Adam(NamedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        self._setup(params, {**defaults, **self.forced_options}, backend)
+        self._setup(params, {**defaults, **self.forced_options}, backend, precision, skip_nonfinite)
         check_betas(betas, foreach=foreach, capturable=capturable)
         check_flags(foreach=foreach, differentiable=differentiable, fused=fused)
 
@@ -93,6 +96,8 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -108,4 +113,6 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             backend=backend,
+            precision=precision,
+            skip_nonfinite=skip_nonfinite,
         )

@@ -7,6 +7,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_flags, check_lr
+from portopt.precision.policy import PrecisionPolicy
 
 
 class Adamax(NamedOptimizer):
@@ -33,6 +34,8 @@ class Adamax(NamedOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {
@@ -45,5 +48,5 @@ class Adamax(NamedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)
         check_flags(foreach=foreach, differentiable=differentiable)

@@ -10,6 +10,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_lr
+from portopt.precision.policy import PrecisionPolicy
 from portopt.spec.definition import OptionValue
 
 
@@ -36,6 +37,8 @@ class LAMB(NamedOptimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {
@@ -46,7 +49,7 @@ class LAMB(NamedOptimizer):
             "bias_correction": bias_correction,
             "maximize": maximize,
         }
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)
 
     @classmethod
     def spec_options(cls, group: Mapping[str, Any]) -> dict[str, OptionValue]:

@@ -7,6 +7,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_lr
+from portopt.precision.policy import PrecisionPolicy
 
 
 class Lion(NamedOptimizer):
@@ -29,7 +30,9 @@ class Lion(NamedOptimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize}
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)

@@ -10,6 +10,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_flags, check_lr
+from portopt.precision.policy import PrecisionPolicy
 from portopt.spec.definition import OptionValue
 
 
@@ -42,6 +43,8 @@ class NAdam(NamedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {
@@ -56,7 +59,7 @@ class NAdam(NamedOptimizer):
             "capturable": capturable,
             "differentiable": differentiable,
         }
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)
         check_flags(foreach=foreach, differentiable=differentiable)
 
     @classmethod

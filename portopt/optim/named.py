@@ -21,7 +21,12 @@ from portopt.spec.definition import OptionValue, Spec
 
 _BACKEND_DOC = (
     '``backend`` (keyword-only, portopt\'s addition): ``"auto"`` runs each parameter on the best usable\n'
-    'backend for its device (:func:`portopt.backends.select_backend`), or name one (``"torch"``, ...).'
+    'backend for its device (:func:`portopt.backends.select_backend`), or name one (``"torch"``, ...).\n\n'
+    "``precision`` and ``skip_nonfinite`` (keyword-only, portopt's additions, per param group too): a\n"
+    'precision policy (``"mixed-bf16"``, ``"q8-states"``, ``"mixed-fp16,exp_avg_sq=bf16"``, a\n'
+    ":class:`~portopt.precision.policy.PrecisionPolicy`; ``None``: torch.optim's storage), and whether a\n"
+    "step with an inf/NaN gradient is skipped whole; ``torch.amp.GradScaler`` is handled inside the\n"
+    "step (:mod:`portopt.optim.amp`)."
 )
 
 

@@ -10,11 +10,19 @@ Hyperparameters live in the param groups under their torch-style keys (``lr``,
 behave as in torch.optim, and values are read at every step. ``maximize=True`` ascends
 the objective (``g → −g``).
 
-A step first checks every group (hyperparameters, gradients, states), so a bad input
-raises before anything is written; then each group is handed to the backend chosen
-for its device (``backend="auto"``: the best usable one, see
-:func:`portopt.backends.select_backend`). Parameters without a gradient are skipped:
-their state and step counter stay as they are.
+A step first checks every group (hyperparameters, gradients, states, precision policy)
+and chooses its step functions, so a bad input raises before anything is written; then
+each group is handed to the backend chosen for its device (``backend="auto"``: the best
+usable one, see :func:`portopt.backends.select_backend`). Parameters without a gradient
+are skipped: their state and step counter stay as they are.
+
+Precision (:mod:`portopt.optim.amp`, :mod:`portopt.precision`): ``precision=`` (per param
+group, like any hyperparameter) chooses master weights and the storage of each state
+(``"mixed-bf16"``, ``"q8-states"``, ``"mixed-fp16,exp_avg_sq=bf16"``, a
+:class:`~portopt.precision.policy.PrecisionPolicy`, ...; ``None``: torch.optim's
+behaviour). ``torch.amp.GradScaler`` unscales inside the step (also for float16
+gradients) and an overflowing step is skipped whole; ``skip_nonfinite=True`` skips a step
+with an inf/NaN gradient without a GradScaler (``last_step_skipped`` tells).
 """
 
 from __future__ import annotations
@@ -28,10 +36,13 @@ from torch import Tensor
 
 from portopt import backends
 from portopt.algorithms import get_spec
-from portopt.lowering.backend import Backend, ParamState, StepFunction, step_counter_dtype
+from portopt.lowering.backend import Backend, ParamState, step_counter_dtype
 from portopt.lowering.checks import check_step_inputs
+from portopt.optim import amp
 from portopt.optim import state_dict as checkpoint
 from portopt.optim.groups import check_group_values, check_known, fold_names, group_hypers, spec_defaults
+from portopt.precision.policy import PrecisionPolicy
+from portopt.precision.scaling import LossScaling
 from portopt.spec.definition import Spec
 from portopt.spec.ops import Op
 from portopt.spec.symbols import Layout
@@ -48,6 +59,8 @@ class Optimizer(torch.optim.Optimizer):
         backend: ``"auto"`` (the best usable backend for each parameter's device) or a
             registered backend's name (``"torch"``, ``"reference"``, ...).
         maximize: ascend the objective instead of descending it.
+        precision: a precision policy (module doc); ``None``: torch.optim's behaviour.
+        skip_nonfinite: skip a step (change nothing) when a gradient is inf or NaN.
         **hyperparameters: values by torch-style key (``betas=(0.9, 0.99)``) or by name
             (``beta1=0.9``); the rest take the spec's defaults.
     """
@@ -62,6 +75,10 @@ class Optimizer(torch.optim.Optimizer):
     """False where torch.optim keeps no ``step`` (SGD): a checkpoint without one is accepted."""
     eager_state: ClassVar[bool] = False
     """Create states when parameters are added, as torch.optim.Adagrad does."""
+    _step_supports_amp_scaling: ClassVar[bool] = True
+    """GradScaler hands ``grad_scale``/``found_inf`` to the step instead of unscaling (:mod:`portopt.optim.amp`)."""
+    last_step_skipped: bool = False
+    """Whether the last call of :meth:`step` was skipped (GradScaler's ``found_inf``, or ``skip_nonfinite``)."""
 
     def __init__(
         self,
@@ -70,6 +87,8 @@ class Optimizer(torch.optim.Optimizer):
         backend: str = "auto",
         *,
         maximize: bool = False,
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
         **hyperparameters: Any,
     ) -> None:
         base = get_spec(spec) if isinstance(spec, str) else spec
@@ -81,21 +100,38 @@ class Optimizer(torch.optim.Optimizer):
         defaults.update(hyperparameters)
         defaults["maximize"] = maximize
         self._fixed_spec = base
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)
 
     # configuration -------------------------------------------------------------------
-    def _setup(self, params: ParamsT, defaults: dict[str, Any], backend: str) -> None:
-        """Check ``defaults`` as torch does (before building groups), then build the groups."""
+    def _setup(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        backend: str,
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        """Check ``defaults`` as torch does (before building groups), then build the groups.
+
+        ``precision`` and ``skip_nonfinite`` enter the defaults only when they are not the
+        defaults, so that a plain optimizer's param groups are torch.optim's.
+        """
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or 'auto', got {backend!r}")
         self.backend = backend
         self._reset_caches()
+        policy = amp.group_value(precision)
+        if policy is not None:
+            defaults["precision"] = policy
+        if skip_nonfinite is not False:
+            defaults["skip_nonfinite"] = skip_nonfinite
         self.check_group(defaults)
         super().__init__(params, defaults)
 
     def _reset_caches(self) -> None:
         self._backends: dict[str, Backend] = {}
-        self._step_functions: dict[tuple[str, Spec], StepFunction] = {}
+        self._step_functions: dict[tuple[str, Spec, PrecisionPolicy | None], Callable[..., None]] = {}
+        self._policies: dict[int, PrecisionPolicy] = {}
 
     def base_spec(self, group: Mapping[str, Any]) -> Spec:
         """The spec of a param group before ``maximize`` (named classes choose it by options)."""
@@ -108,17 +144,28 @@ class Optimizer(torch.optim.Optimizer):
 
     def check_group(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` (torch's wording) for an invalid value or option in ``group``."""
-        check_group_values(self.base_spec(group), group, self.check_order)
+        spec = self.base_spec(group)
+        check_group_values(spec, group, self.check_order)
+        amp.check_group_precision(spec, group)
 
     # param groups --------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its values are checked first (torch.optim checks only the defaults)."""
         spec = self.base_spec({**self.defaults, **param_group})
         fold_names(spec, param_group, self.defaults)
+        if "precision" in param_group:
+            param_group["precision"] = amp.group_value(param_group["precision"])
         self.check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            amp.check_params(
+                amp.resolve(group.get("precision")), group["params"], f"param group {len(self.param_groups) - 1}"
+            )
+        except ValueError:
+            self.param_groups.pop()  # not added after all
+            raise
         if self.eager_state:
-            group = self.param_groups[-1]
             for param in group["params"]:
                 if not self.state.get(param):
                     self.state[param] = eager_state(self.base_spec(group), group, param)
@@ -137,25 +184,32 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [self._prepare(group) for group in self.param_groups]
-        for spec, params, grads, states, hypers, fresh in work:
-            for indices, device in _by_device(params):
-                step = self._step_function(spec, device)
-                step(
-                    [params[i] for i in indices],
-                    [grads[i] for i in indices],
-                    [states[i] for i in indices],
-                    hypers,
-                )
-            for param, state in fresh:
+        work: list[amp.GroupStep] = []
+        offset = 0
+        for index, group in enumerate(self.param_groups):
+            work.append(self._prepare(group, index, offset))
+            offset += len(group["params"])
+        scaling = LossScaling.of(self)
+        self.last_step_skipped = amp.should_skip(work, scaling)
+        if self.last_step_skipped:
+            return loss
+        for index, (group, item) in enumerate(zip(self.param_groups, work, strict=True)):
+            if self._policies.get(index) is not item.policy:  # first step, or the group's policy changed
+                amp.drop_stale_masters(item.policy, [self.state.get(p) for p in group["params"]], group["params"])
+                self._policies[index] = item.policy
+            if item.policy is amp.DEFAULT and scaling.grad_scale is None:
+                item.run_plain()
+            else:
+                amp.run_group(item, scaling)
+            for param, state in item.fresh:
                 self.state[param] = state
         return loss
 
-    def _prepare(
-        self, group: Mapping[str, Any]
-    ) -> tuple[Spec, list[Tensor], list[Tensor], list[ParamState], dict[str, Any], list[tuple[Tensor, ParamState]]]:
+    def _prepare(self, group: Mapping[str, Any], index: int, offset: int) -> amp.GroupStep:
+        """Check one group and choose its step functions; nothing is written."""
         spec = self.group_spec(group)
         hypers = group_hypers(spec, group)
+        policy = amp.resolve(group.get("precision"))
         params: list[Tensor] = []
         grads: list[Tensor] = []
         states: list[ParamState] = []
@@ -170,20 +224,51 @@ class Optimizer(torch.optim.Optimizer):
             params.append(param)
             grads.append(param.grad)
             states.append(state)
-        check_step_inputs(spec, params, grads, states, hypers)
-        return spec, params, grads, states, hypers, fresh
+        plain = policy is amp.DEFAULT
+        check_step_inputs(spec, params, grads, states, hypers, allow_quantized=not plain)
+        numbers: list[int] = []  # optimizer-wide parameter numbers: the noise keys of stochastic rounding
+        if not plain:
+            amp.check_params(policy, params, f"param group {index}")
+            numbers = [offset + i for i, p in enumerate(group["params"]) if p.grad is not None]
+        policy_step = amp.needs_policy_backend(policy, spec, params, states)
+        runs = [
+            (self._step_function(spec, device, policy if policy_step else None), indices)
+            for indices, device in _by_device(params)
+        ]
+        skip = bool(group.get("skip_nonfinite", False))
+        return amp.GroupStep(spec, policy, params, grads, states, hypers, fresh, numbers, runs, policy_step, skip)
 
-    def _step_function(self, spec: Spec, device: torch.device) -> StepFunction:
+    def _step_function(
+        self, spec: Spec, device: torch.device, policy: PrecisionPolicy | None = None
+    ) -> Callable[..., None]:
+        """The step function for ``spec`` on ``device``; with a ``policy``, one that stores states as it says."""
         backend = self._backends.get(device.type)
         if backend is None:
             backend = self._backends[device.type] = backends.select_backend(device, self.backend)
-        key = (backend.name, spec)
+        if policy is not None and backend.build_with_policy is None:
+            fallback = self._backends.get(f"{device.type}+policy")
+            if fallback is None:
+                fallback = amp.policy_backend(device, backend, self.backend != "auto", policy)
+                self._backends[f"{device.type}+policy"] = fallback
+            backend = fallback
+        key = (backend.name, spec, policy)
         step = self._step_functions.get(key)
         if step is None:
-            step = self._step_functions[key] = backend.build(spec)
+            if policy is None:
+                step = backend.build(spec)
+            else:
+                assert backend.build_with_policy is not None
+                step = backend.build_with_policy(spec, policy)
+            self._step_functions[key] = step
         return step
 
     # checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict; 8-bit states as plain dicts of tensors (:meth:`Q8State.to_dict
+        <portopt.precision.quantize.Q8State.to_dict>`) and policies as text, so that
+        ``torch.load(weights_only=True)`` reads it back."""
+        return checkpoint.saveable(super().state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of this algorithm (from portopt or torch.optim), checked before anything changes.
 
@@ -230,21 +315,27 @@ def _by_device(params: list[Tensor]) -> list[tuple[list[int], torch.device]]:
 
 
 def eager_state(spec: Spec, group: Mapping[str, Any], param: Tensor) -> dict[str, Tensor]:
-    """States before any step, as torch.optim.Adagrad creates them (``step`` = 0).
+    """States before any step, as torch.optim.Adagrad creates them (``step`` = 0), stored as the
+    group's precision policy says.
 
     Only for specs whose initial states are constants or hyperparameters.
     """
     hypers = group_hypers(spec, group)
-    state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=step_counter_dtype())}
+    values: dict[str, float] = {}
     for decl in spec.states:
         init = decl.init
         if init.op is Op.CONST:
-            value = float(init.value or 0.0)
+            values[decl.name] = float(init.value or 0.0)
         elif init.op is Op.HYPER:
-            value = float(hypers[str(init.value)])
+            values[decl.name] = float(hypers[str(init.value)])
         else:
             raise ValueError(f"{spec.name}: state {decl.name!r} starts from p or g and cannot be created before a step")
         if decl.layout is not Layout.ELEMENTWISE:
             raise ValueError(f"{spec.name}: eager creation supports element-wise states, not {decl.name!r}")
-        state[decl.name] = torch.full_like(param, value, memory_format=torch.preserve_format).detach()
+    policy = amp.resolve(group.get("precision"))
+    if policy is not amp.DEFAULT:
+        return amp.eager_state(spec, policy, values, param)
+    state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=step_counter_dtype())}
+    for name, value in values.items():
+        state[name] = torch.full_like(param, value, memory_format=torch.preserve_format).detach()
     return state

@@ -10,6 +10,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_flags, check_lr
+from portopt.precision.policy import PrecisionPolicy
 from portopt.spec.definition import OptionValue
 
 
@@ -41,6 +42,8 @@ class RAdam(NamedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {
@@ -54,7 +57,7 @@ class RAdam(NamedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "differentiable": differentiable,
         }
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)
         check_flags(foreach=foreach, differentiable=differentiable)
 
     @classmethod

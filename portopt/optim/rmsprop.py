@@ -10,6 +10,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_flags, check_lr
+from portopt.precision.policy import PrecisionPolicy
 from portopt.spec.definition import OptionValue, Spec
 
 
@@ -41,6 +42,8 @@ class RMSprop(NamedOptimizer):
         differentiable: bool = False,
         *,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {
@@ -55,7 +58,7 @@ class RMSprop(NamedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)
         check_flags(foreach=foreach, differentiable=differentiable)
 
     @classmethod

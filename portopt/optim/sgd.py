@@ -10,6 +10,7 @@ from torch import Tensor
 from portopt.optim.named import NamedOptimizer
 from portopt.optim.optimizer import ParamsT
 from portopt.optim.torch_flags import check_flags, check_lr
+from portopt.precision.policy import PrecisionPolicy
 from portopt.spec.definition import OptionValue, Spec
 
 NESTEROV_ERROR = "Nesterov momentum requires a momentum and zero dampening"
@@ -46,6 +47,8 @@ class SGD(NamedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        precision: PrecisionPolicy | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {
@@ -59,7 +62,7 @@ class SGD(NamedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        self._setup(params, defaults, backend)
+        self._setup(params, defaults, backend, precision, skip_nonfinite)
         check_flags(foreach=foreach, differentiable=differentiable, fused=fused)
 
     @classmethod

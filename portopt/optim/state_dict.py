@@ -13,6 +13,14 @@ so checkpoints move both ways between ``torch.optim.X`` and ``portopt.X``.
   turn an fp32 moment of a bf16 parameter into bf16) and moves to its parameter's device;
 * ``step`` is kept on the host as a 0-d floating tensor; where torch.optim keeps no step
   counter (SGD), a state without one is taken as "at least one step done" (``step = 1``).
+
+Precision policies (:mod:`portopt.optim.amp`): a group's ``precision`` is saved as text
+(:func:`saveable`), an 8-bit state as the plain dict of
+:meth:`~portopt.precision.quantize.Q8State.to_dict` (codes, absmax, the map and its name,
+the block size), and a master copy as ``state["master"]``; all load back bit-exactly, so
+``torch.load(..., weights_only=True)`` reads the checkpoint and a run resumes as if never
+interrupted. A checkpoint without ``precision``/``skip_nonfinite`` (torch.optim's, or a
+plain portopt run's) keeps the optimizer's own settings.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from torch import Tensor
 
 from portopt.lowering.backend import step_counter_dtype
 from portopt.lowering.interpreter import state_shape
+from portopt.optim.amp import MASTER, group_value
+from portopt.precision.policy import PrecisionPolicy
+from portopt.precision.quantize import Q8State
 from portopt.spec.definition import Spec
 
 if TYPE_CHECKING:
@@ -63,6 +74,9 @@ def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
     for index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         for key, value in optimizer.option_defaults.items():
             saved.setdefault(key, value)
+        for key in _OPTIMIZER_SETTINGS:
+            if key in group and key not in saved:
+                saved[key] = group[key]
         saved.update(optimizer.forced_options)
         spec = _group_spec(optimizer, saved, index)
         for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"], strict=True)):
@@ -85,6 +99,22 @@ def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
     optimizer.__setstate__({"state": state, "param_groups": new_groups})
     for post_hook in optimizer._optimizer_load_state_dict_post_hooks.values():
         post_hook(optimizer)
+
+
+_OPTIMIZER_SETTINGS = ("precision", "skip_nonfinite")
+"""Group entries that a checkpoint without them leaves as the optimizer has them."""
+
+
+def saveable(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (torch's, freshly packed) with 8-bit states as dicts and policies as text."""
+    state = state_dict["state"]
+    for key, value in state.items():
+        if any(isinstance(v, Q8State) for v in value.values()):
+            state[key] = {k: v.to_dict() if isinstance(v, Q8State) else v for k, v in value.items()}
+    for group in state_dict["param_groups"]:
+        if isinstance(group.get("precision"), PrecisionPolicy):
+            group["precision"] = group_value(group["precision"])
+    return state_dict
 
 
 def _group_spec(optimizer: Optimizer, saved: dict[str, Any], index: int) -> Spec:
@@ -110,17 +140,16 @@ def _group_spec(optimizer: Optimizer, saved: dict[str, Any], index: int) -> Spec
     )
 
 
-def convert_state(
-    spec: Spec, value: Any, param: Tensor, where: str, torch_keeps_step: bool = True
-) -> dict[str, Tensor]:
-    """One parameter's checkpointed state, checked and moved to ``param``'s device (dtypes kept)."""
+def convert_state(spec: Spec, value: Any, param: Tensor, where: str, torch_keeps_step: bool = True) -> dict[str, Any]:
+    """One parameter's checkpointed state, checked and moved to ``param``'s device (dtypes kept;
+    8-bit states rebuilt as :class:`~portopt.precision.quantize.Q8State`, bit-exactly)."""
     if not isinstance(value, Mapping):
         raise CheckpointError(f"{where}: the checkpoint's state is a {type(value).__name__}, not a dict")
     entries = {k: v for k, v in value.items() if v is not None}  # old torch SGD stored momentum_buffer=None
     if not entries:
         return {}
     expected = set(spec.state_names)
-    unknown, missing = set(entries) - expected - {"step"}, expected - set(entries)
+    unknown, missing = set(entries) - expected - {"step", MASTER}, expected - set(entries)
     if unknown or missing:
         raise CheckpointError(
             f"{where}: the checkpoint has state {sorted(entries)}, but {spec.title} keeps {sorted(expected | {'step'})}"
@@ -128,10 +157,15 @@ def convert_state(
             f"{' (missing: ' + ', '.join(sorted(missing)) + ')' if missing else ''}; "
             "is it a checkpoint of another algorithm or option set?"
         )
-    converted: dict[str, Tensor] = {"step": _step(entries.get("step"), where, torch_keeps_step)}
+    converted: dict[str, Any] = {"step": _step(entries.get("step"), where, torch_keeps_step)}
+    if MASTER in entries:
+        converted[MASTER] = _master(entries[MASTER], param, where)
     for decl in spec.states:
         tensor = entries[decl.name]
         shape = state_shape(decl, param.shape)
+        if isinstance(tensor, Mapping):
+            converted[decl.name] = _quantized(tensor, shape, param, f"{where}: state {decl.name!r}")
+            continue
         if not isinstance(tensor, Tensor):
             raise CheckpointError(f"{where}: state {decl.name!r} is a {type(tensor).__name__}, not a tensor")
         if tuple(tensor.shape) != shape:
@@ -142,6 +176,27 @@ def convert_state(
             raise CheckpointError(f"{where}: state {decl.name!r} has dtype {tensor.dtype}; a floating dtype is needed")
         converted[decl.name] = tensor.to(device=param.device)
     return converted
+
+
+def _quantized(data: Mapping[str, Any], shape: tuple[int, ...], param: Tensor, where: str) -> Q8State:
+    try:
+        stored = Q8State.from_dict(dict(data), param.device)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    if tuple(stored.shape) != shape:
+        raise CheckpointError(f"{where}: the 8-bit state has shape {tuple(stored.shape)}, the parameter needs {shape}")
+    return stored
+
+
+def _master(master: Any, param: Tensor, where: str) -> Tensor:
+    if not isinstance(master, Tensor) or not master.is_floating_point() or master.shape != param.shape:
+        described = (
+            f"a {master.dtype} tensor of shape {tuple(master.shape)}" if isinstance(master, Tensor) else repr(master)
+        )
+        raise CheckpointError(
+            f"{where}: the master weights are {described}; a floating tensor of shape {tuple(param.shape)} is needed"
+        )
+    return master.detach().to(device=param.device)
 
 
 def _step(step: Any, where: str, torch_keeps_step: bool) -> Tensor:

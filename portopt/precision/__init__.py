@@ -8,6 +8,12 @@
 * :mod:`~portopt.precision.signs`: which states are provably non-negative (unsigned map);
 * :mod:`~portopt.precision.scaling`: GradScaler's ``grad_scale``/``found_inf`` inside the step;
 * :mod:`~portopt.precision.memory`: bytes per parameter, and exact bytes for a model.
+
+Where they are used: ``precision=`` on every optimizer (per param group) and
+``torch.amp.GradScaler`` are handled by the front end (:mod:`portopt.optim.amp`: master
+weights, unscaling, skipped steps) for every backend; bf16 and 8-bit states and stochastic
+rounding by a backend's ``build_with_policy`` (the generic backend's
+:mod:`portopt.backends.torch_policy`).
 """
 
 from portopt.precision.memory import MemoryBreakdown, bytes_per_parameter, memory_for_params
@@ -31,6 +37,7 @@ from portopt.precision.storage import (
     encode,
     state_format,
     state_nbytes,
+    stores_like_torch,
     write_back,
 )
 
@@ -56,5 +63,6 @@ __all__ = [
     "preset",
     "state_format",
     "state_nbytes",
+    "stores_like_torch",
     "write_back",
 ]

@@ -8,8 +8,9 @@ entry of a fixed, sorted *quantisation map* ``M`` nearest to ``x_i / A_b``::
     quantise:    c_i = argmin_k |M[k] − x_i / A_b|          (ties go to the lower entry)
     dequantise:  x̂_i = M[c_i] · A_b
 
-by binary search (``torch.bucketize``) over the decision boundaries between neighbouring
-entries, so the error of an element is at most ``A_b · gap/2``, with ``gap`` the largest
+by counting the decision boundaries between neighbouring entries that lie below ``x_i / A_b``
+(what a binary search, ``torch.bucketize``, finds; here a table lookup, see
+:func:`_code_table`), so the error of an element is at most ``A_b · gap/2``, with ``gap`` the largest
 distance between neighbouring map entries (see :func:`max_gap`). Memory: 1 byte per element
 plus 4 bytes per block (``1 + 4/256`` bytes per element); the map is shared by every tensor.
 
@@ -119,6 +120,49 @@ def _cached_map(name: str, device: torch.device) -> tuple[Tensor, Tensor]:
     return qmap, torch.tensor(decision_boundaries(values), dtype=torch.float32, device=device)
 
 
+_PREFIX_BITS = 16
+"""Bits of a float's order key that select a row of the code table: a bfloat16's resolution."""
+
+
+def _order_key(x: Tensor) -> Tensor:
+    """int32 keys of float32 values, ordered as the values (``-0.0`` just below ``0.0``): the bit
+    pattern, with the magnitude bits flipped for negative values."""
+    bits = x.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@functools.cache
+def _code_table(name: str, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """``(base, boundary)``: the code of ``y`` is ``base[r] + (y > boundary[r])`` for the row ``r`` of
+    ``y``'s order key, its top 16 bits; ``base[r]`` counts the decision boundaries below the row,
+    ``boundary[r]`` is the one boundary inside it (+inf if none). Exact: every row holds at most one
+    boundary (``None`` otherwise, and quantisation searches instead); neighbouring boundaries of
+    the maps are further apart than a bfloat16 spacing. Two gathers and a comparison per element
+    instead of a binary search: several times faster on a CPU.
+    """
+    boundaries = _cached_map(name, torch.device("cpu"))[1]
+    keys = _order_key(boundaries).long()
+    rows = keys >> _PREFIX_BITS
+    if rows.unique().numel() != rows.numel():
+        return None
+    offset = 1 << (31 - _PREFIX_BITS)
+    starts = (torch.arange(2 * offset, dtype=torch.int64) - offset) << _PREFIX_BITS
+    base = torch.searchsorted(keys, starts).to(torch.uint8)  # boundaries whose key is below the row's first key
+    boundary = torch.full((2 * offset,), torch.inf, dtype=torch.float32)
+    boundary[rows + offset] = boundaries
+    return base.to(device), boundary.to(device)
+
+
+def _codes(normalized: Tensor, name: str) -> Tensor:
+    """uint8 codes of float32 values in ``[-1, 1]`` (finite): the number of decision boundaries below each."""
+    table = _code_table(name, normalized.device)
+    if table is None:
+        return torch.bucketize(normalized, _cached_map(name, normalized.device)[1], out_int32=True).to(torch.uint8)
+    base, boundary = table
+    rows = (_order_key(normalized) >> _PREFIX_BITS).long() + (1 << (31 - _PREFIX_BITS))
+    return base[rows] + (normalized > boundary[rows]).to(torch.uint8)
+
+
 def quantization_map(name: str, device: torch.device | str = "cpu") -> Tensor:
     """Map ``name`` as a float32 tensor on ``device``; one shared tensor per (name, device): do not modify it."""
     return _cached_map(name, torch.device(device))[0]
@@ -146,7 +190,6 @@ def _padded_blocks(flat: Tensor, block_size: int) -> Tensor:
 def quantize_blockwise(x: Tensor, name: str, block_size: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
     """``(codes, absmax)``: uint8 codes of ``x``'s shape and float32 absmax per block (see the module doc)."""
     _check_map_name(name)
-    _, midpoints = _cached_map(name, x.device)
     n = x.numel()
     blocks = _padded_blocks(x.detach().reshape(-1).to(torch.float32), block_size)
     absmax = blocks.abs().amax(dim=1)
@@ -156,7 +199,7 @@ def quantize_blockwise(x: Tensor, name: str, block_size: int = BLOCK_SIZE) -> tu
     usable = finite & (absmax > 0)
     scale = torch.where(usable, absmax, torch.ones_like(absmax))
     normalized = torch.where(usable.unsqueeze(1), blocks / scale.unsqueeze(1), torch.zeros_like(blocks))
-    codes = torch.bucketize(normalized, midpoints, out_int32=True).to(torch.uint8)
+    codes = _codes(normalized, name)
     absmax = torch.where(finite, absmax, torch.full_like(absmax, math.nan))
     return codes.reshape(-1)[:n].reshape(x.shape), absmax
 

@@ -24,6 +24,7 @@ from portopt.lowering.interpreter import state_shape
 from portopt.precision.policy import PrecisionPolicy, StateStorage
 from portopt.precision.quantize import Q8State, num_blocks
 from portopt.precision.rounding import round_stochastic_bf16
+from portopt.spec.definition import Spec
 from portopt.spec.symbols import Layout, StateDecl
 
 StoredState: TypeAlias = "Tensor | Q8State"
@@ -79,6 +80,33 @@ def state_format(
         StateStorage.PARAM: param_dtype,
     }[storage]
     return StateFormat(dtype, stochastic=policy.stochastic_rounding and dtype == torch.bfloat16)
+
+
+def stores_like_torch(policy: PrecisionPolicy, spec: Spec, param_dtype: torch.dtype) -> bool:
+    """Whether any backend honours ``policy`` for ``spec``'s states of a parameter of ``param_dtype``.
+
+    True when the policy asks for exactly what torch.optim creates for the tensor the update
+    runs on (the float32 master when the policy keeps one, else the parameter itself):
+    element-wise, row and column states in that tensor's dtype, per-tensor states in at least
+    float32, float32 arithmetic (float64 for float64 tensors), no 8-bit state and no
+    stochastically rounded store. Master weights and loss scaling need nothing from a backend
+    (the front end steps the master with unscaled gradients), so ``mixed-bf16`` is such a
+    policy, and ``q8-states`` or ``bf16-states`` on float32 parameters are not.
+    """
+    stepped = torch.float32 if policy.needs_master(param_dtype) else param_dtype
+    torch_compute = torch.float64 if stepped == torch.float64 else torch.float32
+    if policy.compute_dtype_for(param_dtype) != torch_compute:
+        return False
+    if policy.stochastic_rounding and stepped == torch.bfloat16:
+        return False  # the parameter's own store rounds stochastically
+    for decl in spec.states:
+        if policy.storage_of(decl.name) is StateStorage.Q8 and decl.layout is not Layout.TENSOR:
+            return False
+        fmt = state_format(policy, decl, (1, 1), param_dtype)  # any shape: no 8-bit storage is asked here
+        expected = torch.promote_types(stepped, torch.float32) if decl.layout is Layout.TENSOR else stepped
+        if fmt.dtype != expected or fmt.stochastic:
+            return False
+    return True
 
 
 def allocate(fmt: StateFormat, shape: tuple[int, ...] | torch.Size, device: torch.device | str) -> StoredState:
