@@ -21,6 +21,8 @@ USAGE_ERROR = 2
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "portopt.cli_show",
     "portopt.cli_list",
+    "portopt.cli_memory",
+    "portopt.conformance.cli",
 )
 """Modules that each define a ``COMMAND``, in the order ``portopt --help`` lists them."""
 

@@ -1,0 +1,277 @@
+"""Known variants of a spec: the ways an implementation commonly computes something else.
+
+Each :class:`Variant` is the case's spec transformed (by rewriting its expression DAG, by
+rebuilding it with another option, or by changing a hyperparameter), so it can be run by
+the reference on the same inputs as the implementation under test; the diagnosis picks
+the variant the implementation follows. Transforms that do not apply to a spec (no ε next
+to a square root, no ``β^t``) produce nothing.
+
+=====================================  ====================================================
+``eps-inside-sqrt``                    ``sqrt(x + ε)`` instead of ``sqrt(x) + ε``
+``eps-squared-inside-sqrt``            ``sqrt(x + ε²)`` (optax's ``eps_root`` convention)
+``eps-before-bias-correction``         ``(sqrt(v) + ε)/sqrt(1 − β2^t)``
+``eps-inside-sqrt-before-correction``  ``sqrt(v + ε)/sqrt(1 − β2^t)``
+``no-eps``                             ε = 0
+``beta-power-t-minus-1`` / ``+1``      ``β^(t−1)`` or ``β^(t+1)`` for every ``β^t``
+``no-bias-correction``                 ``β^t`` read as 0
+``no-weight-decay``                    λ = 0
+``decoupled-weight-decay``             ``p·(1 − lr·λ)`` instead of ``g + λ·p``
+``coupled-weight-decay``               ``g + λ·p`` instead of ``p·(1 − lr·λ)``
+``maximize-ignored``                   descending although maximize was asked
+``no-first-step-special-case``         ``where(t == 1, a, b)`` read as ``b``
+``betas-swapped``                      β1 and β2 exchanged
+``<option>=<value>``                   the factory with one option changed (amsgrad,
+                                       nesterov, centered, RAdam's threshold, ...)
+``no-update``                          nothing changes at all
+=====================================  ====================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from portopt.algorithms import ALGORITHMS, get_spec
+from portopt.algorithms.common import coupled_decay_gradient, decoupled_decay
+from portopt.conformance.cases import Case
+from portopt.spec.definition import Spec
+from portopt.spec.errors import SpecError
+from portopt.spec.expr import Expr, G, P, T, const, sqrt, square, state, walk
+from portopt.spec.ops import Op
+
+Rewrite = Callable[[Expr], Expr | None]
+NUMERIC_ALTERNATIVES: dict[str, tuple[float, ...]] = {"threshold": (4.0, 5.0)}
+"""Other values worth trying for numeric factory options (RAdam: the paper's 4, torch's 5)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named alternative computation: a spec and the group hyperparameters to run it with."""
+
+    name: str
+    description: str
+    spec: Spec
+    group_hypers: tuple[Mapping[str, float], ...]
+
+
+def strip(e: Expr) -> Expr:
+    """``e`` without any display label, at any depth (for structural matching)."""
+    memo: dict[Expr, Expr] = {}
+    for node in walk([e]):
+        args = tuple(memo[a] for a in node.args)
+        memo[node] = Expr(node.op, args, node.value)
+    return memo[e]
+
+
+def rewrite_spec(spec: Spec, rewrite: Rewrite, param_only: Rewrite | None = None) -> Spec | None:
+    """``spec`` with ``rewrite`` applied bottom-up to every expression (``param_only`` also to the
+    parameter update); ``None`` when nothing changed or the result is not a valid spec."""
+
+    def apply(root: Expr, fn: Rewrite) -> Expr:
+        memo: dict[Expr, Expr] = {}
+        for node in walk([root]):
+            args = tuple(memo[a] for a in node.args)
+            rebuilt = node if args == node.args else Expr(node.op, args, node.value, node.label)
+            replaced = fn(rebuilt)
+            memo[node] = replaced if replaced is not None else rebuilt
+        return memo[root]
+
+    updates = tuple((name, apply(e, rewrite)) for name, e in spec.updates)
+    param_update = apply(spec.param_update, rewrite)
+    if param_only is not None:
+        param_update = apply(param_update, param_only)
+    if updates == spec.updates and param_update == spec.param_update:
+        return None
+    try:
+        return dataclasses.replace(spec, updates=updates, param_update=param_update)
+    except SpecError:
+        return None
+
+
+def _is_hyper(e: Expr, name: str) -> bool:
+    return e.op is Op.HYPER and e.value == name
+
+
+def _split_eps(node: Expr) -> tuple[Expr, Expr] | None:
+    """``(x, ε)`` when ``node`` is ``x + ε`` and ``x`` holds a square root at its top."""
+    if node.op is not Op.ADD:
+        return None
+    a, b = node.args
+    if _is_hyper(b, "eps"):
+        x, eps = a, b
+    elif _is_hyper(a, "eps"):
+        x, eps = b, a
+    else:
+        return None
+    if x.op is Op.SQRT or (x.op is Op.DIV and x.args[0].op is Op.SQRT):
+        return x, eps
+    return None
+
+
+def _eps_inside(squared: bool) -> Rewrite:
+    def rewrite(node: Expr) -> Expr | None:
+        split = _split_eps(node)
+        if split is None:
+            return None
+        x, eps = split
+        term = square(eps) if squared else eps
+        if x.op is Op.SQRT:
+            return sqrt(x.args[0] + term)
+        return sqrt(x.args[0].args[0] / square(x.args[1]) + term)
+
+    return rewrite
+
+
+def _eps_before_correction(inside: bool) -> Rewrite:
+    def rewrite(node: Expr) -> Expr | None:
+        split = _split_eps(node)
+        if split is None or split[0].op is not Op.DIV:
+            return None
+        (root, correction), eps = split[0].args, split[1]
+        numerator = sqrt(root.args[0] + eps) if inside else root + eps
+        return numerator / correction
+
+    return rewrite
+
+
+def _shift_beta_power(delta: float | None) -> Rewrite:
+    def rewrite(node: Expr) -> Expr | None:
+        if node.op is not Op.POW or node.args[1].op is not Op.STEP or node.args[0].op not in (Op.HYPER, Op.CONST):
+            return None
+        if delta is None:
+            return const(0.0)
+        return node.args[0] ** (T + delta)
+
+    return rewrite
+
+
+def _replace_structure(target: Expr, replacement: Expr) -> Rewrite:
+    pattern = strip(target)
+
+    def rewrite(node: Expr) -> Expr | None:
+        return replacement if node.op is pattern.op and strip(node) == pattern else None
+
+    return rewrite
+
+
+def _no_first_step_case(node: Expr) -> Expr | None:
+    if node.op is not Op.WHERE or node.args[0].op is not Op.EQ:
+        return None
+    a, b = node.args[0].args
+    if {a.op, b.op} == {Op.STEP, Op.CONST}:
+        return node.args[2]
+    return None
+
+
+def _coupled_to_decoupled(spec: Spec) -> Spec | None:
+    if "weight_decay" not in spec.hyper_names or strip(coupled_decay_gradient()) not in {
+        strip(n) for n in walk(list(spec.roots))
+    }:
+        return None
+    # g' = g + λ·p becomes g everywhere; the parameter the update starts from becomes p·(1 − lr·λ).
+    return rewrite_spec(
+        spec,
+        _replace_structure(coupled_decay_gradient(), G),
+        param_only=lambda n: decoupled_decay(P) if n.op is Op.PARAM else None,
+    )
+
+
+def _decoupled_to_coupled(spec: Spec) -> Spec | None:
+    pattern = strip(decoupled_decay(P))
+    if not any(strip(n) == pattern for n in walk([spec.param_update])):
+        return None
+    without = rewrite_spec(spec, _replace_structure(decoupled_decay(P), P))
+    if without is None:
+        return None
+    return rewrite_spec(without, lambda n: coupled_decay_gradient() if n.op is Op.GRAD else None)
+
+
+def _no_update(spec: Spec) -> Spec | None:
+    try:
+        return dataclasses.replace(spec, updates=tuple((n, state(n)) for n, _ in spec.updates), param_update=P)
+    except SpecError:
+        return None
+
+
+def _factory_variants(case: Case) -> list[tuple[str, str, Spec]]:
+    factory = ALGORITHMS.get(case.algorithm)
+    if factory is None:
+        return []  # a spec that is not from the library (a random one)
+    current = case.option_map
+    out: list[tuple[str, str, Spec]] = []
+    for name, param in inspect.signature(factory).parameters.items():
+        default = param.default
+        value = current.get(name, default)
+        if isinstance(default, bool):
+            alternatives: Sequence[object] = (not value,)
+        elif name in NUMERIC_ALTERNATIVES:
+            alternatives = [v for v in NUMERIC_ALTERNATIVES[name] if v != value]
+        else:
+            continue
+        for alt in alternatives:
+            try:
+                spec = get_spec(case.algorithm, **{**current, name: alt})  # type: ignore[arg-type]
+            except (ValueError, SpecError):
+                continue
+            if case.maximize:
+                spec = spec.maximized()
+            out.append((f"{name}={alt}", f"{case.algorithm} built with {name}={alt} (the case uses {value})", spec))
+    return out
+
+
+def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, float]]) -> list[Variant]:
+    """Every variant of ``spec`` that differs from it, for the diagnosis."""
+    groups = tuple(dict(h) for h in group_hypers)
+    out: list[Variant] = []
+
+    def add(
+        name: str, description: str, variant: Spec | None, hypers: tuple[Mapping[str, float], ...] = groups
+    ) -> None:
+        if variant is not None:
+            out.append(Variant(name, description, variant, hypers))
+
+    add(
+        "eps-inside-sqrt",
+        "ε inside the square root: sqrt(x + ε) instead of sqrt(x) + ε",
+        rewrite_spec(spec, _eps_inside(False)),
+    )
+    add("eps-squared-inside-sqrt", "ε² inside the square root: sqrt(x + ε²)", rewrite_spec(spec, _eps_inside(True)))
+    add(
+        "eps-before-bias-correction",
+        "ε added before the bias correction: (sqrt(v) + ε)/sqrt(1 − β2^t)",
+        rewrite_spec(spec, _eps_before_correction(False)),
+    )
+    add(
+        "eps-inside-sqrt-before-correction",
+        "ε inside the square root before the bias correction: sqrt(v + ε)/sqrt(1 − β2^t)",
+        rewrite_spec(spec, _eps_before_correction(True)),
+    )
+    add("beta-power-t-minus-1", "bias correction β^(t−1) instead of β^t", rewrite_spec(spec, _shift_beta_power(-1.0)))
+    add("beta-power-t-plus-1", "bias correction β^(t+1) instead of β^t", rewrite_spec(spec, _shift_beta_power(1.0)))
+    add("no-bias-correction", "no bias correction (β^t read as 0)", rewrite_spec(spec, _shift_beta_power(None)))
+    add("decoupled-weight-decay", "decoupled weight decay p·(1 − lr·λ) instead of g + λ·p", _coupled_to_decoupled(spec))
+    add("coupled-weight-decay", "coupled weight decay g + λ·p instead of p·(1 − lr·λ)", _decoupled_to_coupled(spec))
+    add(
+        "no-first-step-special-case",
+        "no special first step (where(t == 1, ...) always takes the later-step formula)",
+        rewrite_spec(spec, _no_first_step_case),
+    )
+    if case.maximize and case.algorithm in ALGORITHMS:
+        add(
+            "maximize-ignored",
+            "maximize ignored (it descends the objective)",
+            get_spec(case.algorithm, **case.option_map),
+        )
+    for name, description, variant in _factory_variants(case):
+        add(name, description, variant)
+    if "eps" in spec.hyper_names:
+        add("no-eps", "no ε (ε = 0)", spec, tuple({**h, "eps": 0.0} for h in groups))
+    if any(h.get("weight_decay", 0.0) for h in groups):
+        add("no-weight-decay", "no weight-decay term (λ = 0)", spec, tuple({**h, "weight_decay": 0.0} for h in groups))
+    if "beta1" in spec.hyper_names and "beta2" in spec.hyper_names:
+        swapped = tuple({**h, "beta1": h["beta2"], "beta2": h["beta1"]} for h in groups)
+        add("betas-swapped", "β1 and β2 exchanged", spec, swapped)
+    add("no-update", "no update at all (parameters and states never change)", _no_update(spec))
+    return out
