@@ -28,6 +28,8 @@ from portopt.lowering.registry import register_backend, registered_backends
 __all__ = ["BackendStatus", "available", "device_unavailable_reason", "load_entry_points", "select_backend"]
 
 BUILTIN = (reference.REFERENCE.name, torch_generic.TORCH_GENERIC.name)
+OPTIONAL_BUILTIN = {"compiled": "portopt.backends.compiled", "torch_fused": "portopt.backends.torch_fused"}
+"""Built-in backends imported on first use (their import pulls in more of torch); by name only for now."""
 ENTRY_POINT_GROUP = "portopt.backends"
 
 _entry_point_failures: dict[str, str] = {}
@@ -99,15 +101,24 @@ def _backend_reason(backend: Backend) -> str | None:
     return "no supported device here: " + "; ".join(f"{r}" for r in missing.values())
 
 
+def _load_optional(name: str) -> None:
+    module = OPTIONAL_BUILTIN.get(name)
+    if module is not None and name not in registered_backends():
+        importlib.import_module(module)
+
+
 def available() -> list[BackendStatus]:
     """Every known backend: usable here or not, and why (missing package, missing device)."""
     load_entry_points()
+    for name in OPTIONAL_BUILTIN:
+        _load_optional(name)
     rows = []
     for name, backend in sorted(registered_backends().items()):
         reason = _backend_reason(backend)
         if reason is None:
             here = [t for t in backend.device_types if device_unavailable_reason(t) is None]
-            rows.append(BackendStatus(name, True, f"usable on {', '.join(here)} (priority {backend.priority})"))
+            how = f"priority {backend.priority}" if backend.auto_select else "by name only"
+            rows.append(BackendStatus(name, True, f"usable on {', '.join(here)} ({how})"))
         else:
             rows.append(BackendStatus(name, False, reason))
     rows.extend(BackendStatus(name, False, why) for name, why in sorted(_entry_point_failures.items()))
@@ -118,6 +129,7 @@ def select_backend(device: torch.device | str, name: str = "auto") -> Backend:
     """The backend to step tensors on ``device``: ``name``, or the best usable one for ``"auto"``."""
     load_entry_points()
     device_type = torch.device(device).type
+    _load_optional(name)
     backends = registered_backends()
     if name != "auto":
         if name not in backends:
@@ -133,7 +145,11 @@ def select_backend(device: torch.device | str, name: str = "auto") -> Backend:
         if reason is not None:
             raise ValueError(f"backend {name!r} is not usable here: {reason}")
         return backend
-    candidates = [b for b in backends.values() if device_type in b.device_types and b.unavailable_reason() is None]
+    candidates = [
+        b
+        for b in backends.values()
+        if b.auto_select and device_type in b.device_types and b.unavailable_reason() is None
+    ]
     if not candidates:
         raise ValueError(
             f"no usable backend runs on {device_type} tensors; "

@@ -83,6 +83,8 @@ class Backend:
     build: Callable[[Spec], StepFunction]
     unavailable_reason: Callable[[], str | None] = lambda: None
     priority: int = 0
+    auto_select: bool = True
+    """Whether ``backend="auto"`` may choose it; ``False`` keeps it reachable by name only."""
     build_with_policy: Callable[[Spec, PrecisionPolicy], PolicyStepFunction] | None = None
 
 
