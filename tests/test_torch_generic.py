@@ -389,9 +389,18 @@ def test_registered_as_torch() -> None:
 
 
 def test_auto_picks_the_usable_backend_of_highest_priority(monkeypatch: pytest.MonkeyPatch) -> None:
-    usable = [b for b in registered_backends().values() if "cpu" in b.device_types and b.unavailable_reason() is None]
+    usable = [
+        b
+        for b in registered_backends().values()
+        if b.auto_select and "cpu" in b.device_types and b.unavailable_reason() is None
+    ]
     assert backends.select_backend("cpu") is max(usable, key=lambda b: (b.priority, b.name))
     from portopt.lowering import registry
+
+    by_name_only = Backend("by-name", "test", ("cpu",), TORCH_GENERIC.build, priority=10**7, auto_select=False)
+    monkeypatch.setitem(registry._BACKENDS, "by-name", by_name_only)
+    assert backends.select_backend("cpu").name != "by-name"
+    assert backends.select_backend("cpu", "by-name") is by_name_only
 
     step = TORCH_GENERIC.build
     monkeypatch.setitem(registry._BACKENDS, "gpu-only", Backend("gpu-only", "test", ("cuda",), step, priority=10**6))
