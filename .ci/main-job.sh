@@ -16,8 +16,13 @@ print(f"portopt main job: python {platform.python_version()}, torch {torch.__ver
 PY
 portopt show adamw
 
-# The parity run. The conformance CLI replaces this one line:
-#   portopt conformance --report-dir "$report_dir"
-PYTHONSAFEPATH=1 python -m pytest tests/test_reference_vs_torch.py -q -p no:cacheprovider --junitxml "$report_dir/reference-vs-torch.xml"
+# The parity run: every algorithm on every backend usable on this machine's devices, in every
+# precision, against the float64 reference (JSON, JUnit XML and HTML report in $report_dir).
+# Extra arguments are passed on (e.g. --quick, --algorithm adamw, --device cuda).
+devices=(--device cpu)
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    devices+=(--device cuda)
+fi
+portopt conformance "${devices[@]}" --report-dir "$report_dir" "$@"
 
 echo "main job: report in $report_dir/"
