@@ -210,13 +210,9 @@ class BackendImplementation:
         dev_type = torch.device(device).type
         if dev_type not in self.backend.device_types:
             return f"backend {self.backend.name} does not run on {dev_type} (runs on: {', '.join(self.backend.device_types)})"
-        reason = device_unavailable_reason(device) or front_end_reason(case, precision)
-        if reason is None and precision.needs_policy and getattr(self.backend, "build_with_policy", None) is None:
-            reason = (
-                f"backend {self.backend.name} cannot store states as precision {precision.name} asks "
-                "(it has no build_with_policy)"
-            )
-        return reason
+        # A backend without build_with_policy still serves master-weight precisions: the front
+        # end steps the fp32 master with it (it refuses, with a PolicyError, what it cannot serve).
+        return device_unavailable_reason(device) or front_end_reason(case, precision)
 
     def instantiate(self, setup: Setup) -> Instance:
         if setup.needs_front_end:
