@@ -90,21 +90,11 @@ _FUSED: dict[str, tuple[Callable[..., Sequence[Tensor]], Callable[..., object]]]
     "addcdiv": (torch._foreach_addcdiv, torch._foreach_addcdiv_),
 }
 _OUT_RULES: dict[Op, Callable[..., Tensor]] = {
-    Op.ADD: torch.add,
-    Op.SUB: torch.sub,
-    Op.MUL: torch.mul,
-    Op.DIV: torch.div,
-    Op.NEG: torch.neg,
-    Op.POW: torch.pow,
-    Op.SQRT: torch.sqrt,
-    Op.RSQRT: torch.rsqrt,
-    Op.SQUARE: torch.square,
-    Op.ABS: torch.abs,
-    Op.SIGN: torch.sign,
-    Op.EXP: torch.exp,
-    Op.LOG: torch.log,
-    Op.MAXIMUM: torch.maximum,
-    Op.MINIMUM: torch.minimum,
+    op: TORCH_RULES[op]
+    for op in (
+        *(Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.POW, Op.SQRT, Op.RSQRT),
+        *(Op.SQUARE, Op.ABS, Op.SIGN, Op.EXP, Op.LOG, Op.MAXIMUM, Op.MINIMUM),
+    )
 }
 """Element-wise torch functions that accept ``out=`` (for in-place per-tensor loops)."""
 _SCALAR_SECOND = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
