@@ -1,14 +1,15 @@
 """Backends, imported as ``portopt.backends.<name>``; each registers itself on import.
 
-Importing this package registers the built-in backends (``reference``, ``torch``).
+Importing this package registers the built-in backends ``reference`` and ``torch``;
+``torch_fused`` and ``compiled`` register on first use.
 Third-party backends register through the entry point group ``portopt.backends``: the
 entry point names a module (importing it registers), a
 :class:`~portopt.lowering.backend.Backend`, or a callable returning one. Entry points are
 loaded lazily, the first time a backend is looked up, listed or chosen, and a failing
 one is reported by :func:`available` instead of breaking the others.
 
-:func:`select_backend` picks, for a device, the usable backend of highest
-:attr:`~portopt.lowering.backend.Backend.priority` that lists the device's type
+:func:`select_backend` picks, for a device, a spec and a group size, the usable backend of
+highest :attr:`~portopt.lowering.backend.Backend.priority` that lowers the spec
 (``backend="auto"``), or checks that a named one can run there.
 """
 
@@ -24,12 +25,22 @@ import torch
 from portopt.backends import reference, torch_generic
 from portopt.lowering.backend import Backend
 from portopt.lowering.registry import register_backend, registered_backends
+from portopt.spec.definition import Spec
 
-__all__ = ["BackendStatus", "available", "device_unavailable_reason", "load_entry_points", "select_backend"]
+__all__ = [
+    "BackendStatus",
+    "auto_choice",
+    "auto_thresholds",
+    "available",
+    "device_unavailable_reason",
+    "load_entry_points",
+    "named_backend",
+    "select_backend",
+]
 
 BUILTIN = (reference.REFERENCE.name, torch_generic.TORCH_GENERIC.name)
 OPTIONAL_BUILTIN = {"compiled": "portopt.backends.compiled", "torch_fused": "portopt.backends.torch_fused"}
-"""Built-in backends imported on first use (their import pulls in more of torch); by name only for now."""
+"""Built-in backends imported on first use: by name, or when ``"auto"`` first chooses."""
 ENTRY_POINT_GROUP = "portopt.backends"
 
 _entry_point_failures: dict[str, str] = {}
@@ -118,6 +129,8 @@ def available() -> list[BackendStatus]:
         if reason is None:
             here = [t for t in backend.device_types if device_unavailable_reason(t) is None]
             how = f"priority {backend.priority}" if backend.auto_select else "by name only"
+            if backend.auto_select and backend.min_auto_numel() > 0:
+                how += f"; auto for groups of >= {backend.min_auto_numel():,} elements"
             rows.append(BackendStatus(name, True, f"usable on {', '.join(here)} ({how})"))
         else:
             rows.append(BackendStatus(name, False, reason))
@@ -125,34 +138,80 @@ def available() -> list[BackendStatus]:
     return rows
 
 
-def select_backend(device: torch.device | str, name: str = "auto") -> Backend:
-    """The backend to step tensors on ``device``: ``name``, or the best usable one for ``"auto"``."""
-    load_entry_points()
+def select_backend(
+    device: torch.device | str, name: str = "auto", spec: Spec | None = None, numel: int | None = None
+) -> Backend:
+    """The backend to step ``spec`` on ``device``: ``name``, or the best usable one for ``"auto"``.
+
+    ``"auto"`` takes the usable backend of highest priority (``auto_select``) that runs on the
+    device, lowers ``spec`` (when given) and whose ``min_auto_numel`` the group's ``numel``
+    reaches (when given): a torch fused kernel where one is proven equivalent, the compiled
+    kernel for groups large enough to repay compiling, else the generic torch backend. A named
+    backend that cannot run here or does not lower ``spec`` raises ``ValueError`` saying why.
+    """
     device_type = torch.device(device).type
-    _load_optional(name)
-    backends = registered_backends()
     if name != "auto":
-        if name not in backends:
-            why = _entry_point_failures.get(name)
-            known = ", ".join(sorted(backends)) or "none"
-            raise ValueError(f"unknown backend {name!r}" + (f" ({why})" if why else f"; registered backends: {known}"))
-        backend = backends[name]
+        backend = named_backend(name)
         if device_type not in backend.device_types:
             raise ValueError(
                 f"backend {name!r} does not run on {device_type} tensors (it runs on: {', '.join(backend.device_types)})"
             )
         reason = backend.unavailable_reason()
+        if reason is None and spec is not None:
+            reason = backend.unsupported_reason(spec)
         if reason is not None:
             raise ValueError(f"backend {name!r} is not usable here: {reason}")
         return backend
-    candidates = [
-        b
-        for b in backends.values()
-        if b.auto_select and device_type in b.device_types and b.unavailable_reason() is None
-    ]
-    if not candidates:
+    load_entry_points()
+    for optional in OPTIONAL_BUILTIN:
+        _load_optional(optional)
+    chosen = auto_choice(device_type, spec, numel)
+    if chosen is None:
         raise ValueError(
             f"no usable backend runs on {device_type} tensors; "
             + "; ".join(f"{r.name}: {r.reason}" for r in available())
         )
-    return max(candidates, key=lambda b: (b.priority, b.name))
+    return chosen
+
+
+def named_backend(name: str) -> Backend:
+    """The registered backend called ``name``; ``ValueError`` lists the known ones (or why a plug-in failed)."""
+    load_entry_points()
+    _load_optional(name)
+    backends = registered_backends()
+    if name not in backends:
+        why = _entry_point_failures.get(name)
+        known = ", ".join(sorted(backends)) or "none"
+        raise ValueError(f"unknown backend {name!r}" + (f" ({why})" if why else f"; registered backends: {known}"))
+    return backends[name]
+
+
+def auto_thresholds() -> set[int]:
+    """The group sizes at which ``"auto"`` may change its choice (every backend's ``min_auto_numel``)."""
+    load_entry_points()
+    for optional in OPTIONAL_BUILTIN:
+        _load_optional(optional)
+    return {b.min_auto_numel() for b in registered_backends().values() if b.auto_select}
+
+
+def auto_choice(
+    device_type: str, spec: Spec | None = None, numel: int | None = None, below_priority: int | None = None
+) -> Backend | None:
+    """The backend ``"auto"`` chooses for ``spec`` on ``device_type``, or ``None``.
+
+    ``below_priority`` considers only backends of lower priority (a backend handing on a call
+    it cannot take). Backends are tried best first and the costlier checks (a compiler's
+    import, a kernel's equivalence proof) run only for those that get that far."""
+    ranked = sorted(
+        (b for b in registered_backends().values() if b.auto_select and device_type in b.device_types),
+        key=lambda b: (b.priority, b.name),
+        reverse=True,
+    )
+    for b in ranked:
+        if below_priority is not None and b.priority >= below_priority:
+            continue
+        if numel is not None and numel < b.min_auto_numel():
+            continue
+        if b.unavailable_reason() is None and (spec is None or b.unsupported_reason(spec) is None):
+            return b
+    return None

@@ -40,8 +40,10 @@ else, or fail):
   vectorized loop (only the tail elements move) — capabilities come from a check, not a
   list, and come back by themselves when torch fixes it.
 
-Whatever a rule does not take — a spec that matches no kernel, or a call the kernel
-cannot serve — runs on the next usable backend by priority (``compiled``, else ``torch``)
+A spec that matches no kernel is not served (``unsupported_reason``; ``backend="auto"``
+passes over it, naming the backend raises). A call the matched kernel cannot take (mixed
+dtypes, strided tensors, a dtype its probe failed, ``momentum=0``) runs on the backend
+``"auto"`` would choose below this one (``compiled`` for a large group, else ``torch``),
 with the same state layout, so a run can move between them step by step.
 """
 
@@ -61,7 +63,7 @@ from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.equivalence import Binding, find_binding, sample_hyperparameters
 from portopt.lowering.interpreter import Bindings, evaluate_step
-from portopt.lowering.registry import register_backend, registered_backends
+from portopt.lowering.registry import register_backend
 from portopt.lowering.torch_ops import TORCH_RULES
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, G, P, T, eq, hyper, maximum, sqrt, state, where
@@ -378,25 +380,14 @@ def probe(kernel: FusedKernel, device_type: str, dtype: torch.dtype) -> str | No
 # The step function.
 
 
-def _next_backend(device_type: str) -> Backend:
-    """The usable backend of highest priority below this one for ``device_type``."""
-    candidates = [
-        b
-        for b in registered_backends().values()
-        if b.name != NAME and b.priority < PRIORITY and device_type in b.device_types and b.unavailable_reason() is None
-    ]
-    return max(candidates, key=lambda b: (b.priority, b.name))
-
-
 class FusedStep:
     """Steps ``spec`` with a matched fused kernel; delegates what the kernel cannot take."""
 
-    def __init__(self, spec: Spec, match: Match | None) -> None:
+    def __init__(self, spec: Spec, match: Match) -> None:
         self.spec = spec
         self.match = match
         self._initial = TorchStep(spec)  # state creation exactly as the generic backend's
-        self._delegates: dict[str, StepFunction] = {}
-        self._no_match = None if match is not None else no_match_reason(spec)
+        self._delegates: dict[tuple[str, str], StepFunction] = {}
         self.last_delegation: str | None = None
 
     def __call__(
@@ -409,9 +400,8 @@ class FusedStep:
         reason = self._refusal(params, grads, states, values)
         self.last_delegation = reason
         if reason is not None:
-            self._delegate(params[0].device.type)(params, grads, states, hypers)
+            self._delegate(params)(params, grads, states, hypers)
             return
-        assert self.match is not None
         kernel, binding = self.match.kernel, self.match.binding
         kernel_values = binding.kernel_hypers(values)
         with torch.no_grad():
@@ -446,8 +436,6 @@ class FusedStep:
         values: Mapping[str, float],
     ) -> str | None:
         """Why the matched kernel cannot take this call, or ``None``."""
-        if self.match is None:
-            return self._no_match
         kernel = self.match.kernel
         refused = kernel.refuses(self.match.binding.kernel_hypers(values))
         if refused is not None:
@@ -469,16 +457,27 @@ class FusedStep:
                 return failed
         return None
 
-    def _delegate(self, device_type: str) -> StepFunction:
-        step = self._delegates.get(device_type)
+    def _delegate(self, params: Sequence[Tensor]) -> StepFunction:
+        """The step of the backend ``"auto"`` would choose below this one, for this call."""
+        from portopt.backends import auto_choice  # the package imports this module lazily
+
+        device_type = params[0].device.type
+        below = auto_choice(device_type, self.spec, sum(p.numel() for p in params), below_priority=PRIORITY)
+        assert below is not None, "the generic torch backend runs every spec on the devices the fused kernels take"
+        step = self._delegates.get((device_type, below.name))
         if step is None:
-            step = self._delegates[device_type] = _next_backend(device_type).build(self.spec)
+            step = self._delegates[(device_type, below.name)] = below.build(self.spec)
         return step
 
 
 def build_fused_step(spec: Spec) -> StepFunction:
-    """A step function for ``spec``: a torch fused kernel if one is equivalent, else the next backend."""
-    return FusedStep(spec, match_fused_kernel(spec))
+    """A step function for ``spec`` on the torch fused kernel proven equivalent to it.
+
+    Raises ``ValueError`` (with the closest attempts) when no kernel computes ``spec``."""
+    match = match_fused_kernel(spec)
+    if match is None:
+        raise ValueError(no_match_reason(spec))
+    return FusedStep(spec, match)
 
 
 TORCH_FUSED = register_backend(
@@ -486,12 +485,11 @@ TORCH_FUSED = register_backend(
         name=NAME,
         summary=(
             "torch's fused kernels (_fused_adam_/_fused_adamw_/_fused_sgd_/_fused_adagrad_) for specs proven "
-            "equivalent to one; every other spec or call runs on the next backend by priority"
+            "equivalent to one; a call the kernel cannot take runs on the next backend by priority"
         ),
         device_types=FUSED_DEVICE_TYPES,
         build=build_fused_step,
         priority=PRIORITY,
-        # By name only until selection asks whether a backend serves a given spec (issue 4).
-        auto_select=False,
+        unsupported_reason=no_match_reason,
     )
 )

@@ -210,6 +210,9 @@ class BackendImplementation:
         dev_type = torch.device(device).type
         if dev_type not in self.backend.device_types:
             return f"backend {self.backend.name} does not run on {dev_type} (runs on: {', '.join(self.backend.device_types)})"
+        unsupported = self.backend.unsupported_reason(spec)
+        if unsupported is not None:
+            return f"backend {self.backend.name} does not lower this spec: {unsupported}"
         # A backend without build_with_policy still serves master-weight precisions: the front
         # end steps the fp32 master with it (it refuses, with a PolicyError, what it cannot serve).
         return device_unavailable_reason(device) or front_end_reason(case, precision)

@@ -77,7 +77,7 @@ def test_the_update_is_an_fp32_step_on_the_master() -> None:
     x, y = regression(64)
     net = make_net(torch.bfloat16)
     twin = [nn.Parameter(p.detach().float()) for p in net.parameters()]
-    ours = portopt.AdamW(net.parameters(), lr=0.01, weight_decay=0.1, precision="mixed-bf16")
+    ours = portopt.AdamW(net.parameters(), lr=0.01, weight_decay=0.1, precision="mixed-bf16", backend="torch")
     theirs = torch.optim.AdamW(twin, lr=0.01, weight_decay=0.1)
     for step in range(1, 6):
         ours.zero_grad()

@@ -128,6 +128,20 @@ def test_list_shows_every_algorithm_with_title_and_options(
             assert f"{key}={default}" in rows[name]
 
 
+def test_list_backends_agrees_with_the_registry(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portopt.backends import available
+
+    monkeypatch.setenv("COLUMNS", "240")
+    code, out, err = run_main(capsys, "list", "--backends")
+    assert (code, err) == (0, "")
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if line.count("│") >= 3}
+    expected = {row.name: "yes" if row.usable else "no" for row in available()}
+    assert rows == expected
+    assert rows["torch"] == "yes"
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [("true", True), ("False", False), ("3", 3), ("-2", -2), ("3.5", 3.5), ("1e-3", 1e-3), ("adam", "adam")],

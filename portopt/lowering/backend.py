@@ -75,6 +75,12 @@ class Backend:
     :class:`PolicyStepFunction` that stores every state as ``policy`` says (bf16, 8-bit,
     stochastic rounding). The front end refuses, with the reason, a policy that a named
     backend cannot honour; ``backend="auto"`` then picks the best usable backend that can.
+
+    Automatic selection (:func:`portopt.backends.select_backend`) takes, per device, spec
+    and param-group size, the usable backend of highest ``priority`` with ``auto_select``,
+    whose ``unsupported_reason(spec)`` is ``None`` and whose ``min_auto_numel()`` the group
+    reaches. ``build(spec)`` raises ``ValueError`` with that reason for a spec it does not
+    lower.
     """
 
     name: str
@@ -86,6 +92,11 @@ class Backend:
     auto_select: bool = True
     """Whether ``backend="auto"`` may choose it; ``False`` keeps it reachable by name only."""
     build_with_policy: Callable[[Spec, PrecisionPolicy], PolicyStepFunction] | None = None
+    unsupported_reason: Callable[[Spec], str | None] = lambda spec: None
+    """``None`` if the backend lowers ``spec``, else why not (a vendor kernel computes something else)."""
+    min_auto_numel: Callable[[], int] = lambda: 0
+    """``backend="auto"`` takes it only for a group with at least this many elements on one device:
+    its one-off cost (compiling) pays for itself only over enough bytes."""
 
 
 def step_counter_dtype() -> torch.dtype:

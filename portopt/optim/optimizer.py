@@ -129,7 +129,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _reset_caches(self) -> None:
-        self._backends: dict[str, Backend] = {}
+        self._backends: dict[tuple[Any, ...], Backend] = {}
         self._step_functions: dict[tuple[str, Spec, PrecisionPolicy | None], Callable[..., None]] = {}
         self._policies: dict[int, PrecisionPolicy] = {}
 
@@ -147,6 +147,10 @@ class Optimizer(torch.optim.Optimizer):
         spec = self.base_spec(group)
         check_group_values(spec, group, self.check_order)
         amp.check_group_precision(spec, group)
+        if self.backend != "auto":  # a named backend must lower the group's spec (devices are checked per step)
+            reason = backends.named_backend(self.backend).unsupported_reason(self.group_spec(group))
+            if reason is not None:
+                raise ValueError(f"backend {self.backend!r} cannot run this param group: {reason}")
 
     # param groups --------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -232,25 +236,18 @@ class Optimizer(torch.optim.Optimizer):
             numbers = [offset + i for i, p in enumerate(group["params"]) if p.grad is not None]
         policy_step = amp.needs_policy_backend(policy, spec, params, states)
         runs = [
-            (self._step_function(spec, device, policy if policy_step else None), indices)
-            for indices, device in _by_device(params)
+            (self._step_function(spec, device, policy if policy_step else None, numel), indices)
+            for indices, device, numel in _by_device(params)
         ]
         skip = bool(group.get("skip_nonfinite", False))
         return amp.GroupStep(spec, policy, params, grads, states, hypers, fresh, numbers, runs, policy_step, skip)
 
     def _step_function(
-        self, spec: Spec, device: torch.device, policy: PrecisionPolicy | None = None
+        self, spec: Spec, device: torch.device, policy: PrecisionPolicy | None = None, numel: int = 0
     ) -> Callable[..., None]:
-        """The step function for ``spec`` on ``device``; with a ``policy``, one that stores states as it says."""
-        backend = self._backends.get(device.type)
-        if backend is None:
-            backend = self._backends[device.type] = backends.select_backend(device, self.backend)
-        if policy is not None and backend.build_with_policy is None:
-            fallback = self._backends.get(f"{device.type}+policy")
-            if fallback is None:
-                fallback = amp.policy_backend(device, backend, self.backend != "auto", policy)
-                self._backends[f"{device.type}+policy"] = fallback
-            backend = fallback
+        """The step function for ``spec`` on ``device`` for a group of ``numel`` elements there; with a
+        ``policy``, one that stores states as it says."""
+        backend = self._backend_for(spec, device, numel, policy)
         key = (backend.name, spec, policy)
         step = self._step_functions.get(key)
         if step is None:
@@ -261,6 +258,55 @@ class Optimizer(torch.optim.Optimizer):
                 step = backend.build_with_policy(spec, policy)
             self._step_functions[key] = step
         return step
+
+    def chosen_backends(self) -> list[dict[str, str]]:
+        """Per param group, the backend that steps it on each device, e.g. ``[{"cpu": "torch_fused"}]``.
+
+        As a step with a gradient for every parameter chooses: ``backend="auto"`` decides per
+        spec, device and number of elements (a torch fused kernel proven equivalent to the
+        spec, else the compiled kernel for groups large enough to repay compiling, else the
+        generic torch backend); a precision policy storing states other than torch does moves
+        to a backend that can.
+        """
+        chosen = []
+        for group in self.param_groups:
+            spec = self.group_spec(group)
+            policy = amp.resolve(group.get("precision"))
+            params = list(group["params"])
+            needs_policy = amp.needs_policy_backend(policy, spec, params, [self.state.get(p, {}) for p in params])
+            chosen.append(
+                {
+                    str(device): self._backend_for(spec, device, numel, policy if needs_policy else None).name
+                    for _, device, numel in _by_device(params)
+                }
+            )
+        return chosen
+
+    def _backend_for(
+        self, spec: Spec, device: torch.device, numel: int, policy: PrecisionPolicy | None = None
+    ) -> Backend:
+        """The backend chosen (``self.backend``, or ``"auto"``'s choice for this spec and group size);
+        with a ``policy``, one that can store states as it says."""
+        backend = self._selected(spec, device, numel)
+        if policy is None or backend.build_with_policy is not None:
+            return backend
+        fallback = self._backends.get((device.type, "+policy"))
+        if fallback is None:
+            fallback = amp.policy_backend(device, backend, self.backend != "auto", policy)
+            self._backends[(device.type, "+policy")] = fallback
+        return fallback
+
+    def _selected(self, spec: Spec, device: torch.device, numel: int) -> Backend:
+        """The backend named, or ``"auto"``'s choice for this spec and group size."""
+        # "auto" depends on the group size only through the backends' thresholds: key on the largest reached.
+        reached = 0
+        if self.backend == "auto":
+            reached = max((n for n in backends.auto_thresholds() if n <= numel), default=0)
+        key = (device.type, spec, reached)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._backends[key] = backends.select_backend(device, self.backend, spec, numel)
+        return backend
 
     # checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -302,16 +348,17 @@ def _maximized(spec: Spec) -> Spec:
     return spec.maximized()
 
 
-def _by_device(params: list[Tensor]) -> list[tuple[list[int], torch.device]]:
+def _by_device(params: list[Tensor]) -> list[tuple[list[int], torch.device, int]]:
+    """The parameters' indices per device, with their element count there."""
     if not params:
         return []
     first = params[0].device
     if all(p.device == first for p in params):
-        return [(list(range(len(params))), first)]
+        return [(list(range(len(params))), first, sum(p.numel() for p in params))]
     groups: dict[torch.device, list[int]] = {}
     for index, p in enumerate(params):
         groups.setdefault(p.device, []).append(index)
-    return [(indices, device) for device, indices in groups.items()]
+    return [(indices, device, sum(params[i].numel() for i in indices)) for device, indices in groups.items()]
 
 
 def eager_state(spec: Spec, group: Mapping[str, Any], param: Tensor) -> dict[str, Tensor]:
