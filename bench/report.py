@@ -17,9 +17,15 @@ Notes
   start-of-run bandwidth (header) is given for reference.
 - portopt[torch_fused] hands the step to torch's fused kernel: it is torch fused plus portopt's
   per-step Python overhead (state bucketing, run-time checks).
-- LAMB's trust ratio needs ‖p‖ and ‖u‖ before p is written: the compiled kernel reads p, g, m, v
-  and writes m, v and u while reducing, then reads p, u and writes p: 40 instead of 28 bytes per
-  fp32 element (a 70 % ceiling); its roofline fraction is against the one-pass count.
+- LAMB's trust ratio needs ‖p‖ and ‖u‖ before p is written, so no step can make one pass: the
+  compiled kernel reads p, g, m, v to reduce, then reads them again and writes p, m, v: 44 instead
+  of 28 bytes per fp32 element (a 64 % ceiling against the one-pass count used for "% roofline";
+  the fewest bytes two passes can move is 40).
+- "auto" names the backend `backend="auto"` picks for this group: torch_fused where a torch fused
+  kernel is proven equivalent, compiled for other specs on groups of >= 2^20 elements.
+- "convert-only kernel" (16-bit cases): a compiled kernel that loads p, g and the states, widens
+  them to float32 and stores p and the states back, with no optimizer arithmetic: on a CPU without
+  native bf16 conversion (AVX2) it is the floor a one-pass bf16 step cannot beat.
 - torch 2.13's CPU `_fused_sgd_` does not update bf16/fp16 parameters in its vector loop
   (found by portopt's kernel probe): torch SGD(fused) bf16 times are of a wrong kernel, and
   portopt does not use it (falls back to its compiled kernel).
@@ -75,7 +81,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"{case['bytes_per_step'] / 1e6:.0f} MB per step; streaming them takes {case['stream_ms']:.2f} ms "
             f"in these rounds ({case['roofline_ms']:.2f} ms at the start-of-run bandwidth); "
-            f"ratios against {case['baseline']}",
+            f"ratios against {case['baseline']}; auto: portopt[{case.get('auto_choice', '?')}]",
             "",
             "| implementation | median ms | q1–q3 ms | GB/s | % roofline | ratio | first step s | peak step MB |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",

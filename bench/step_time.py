@@ -45,6 +45,7 @@ import torch
 import portopt.backends.compiled
 import portopt.backends.torch_fused  # noqa: F401  (registers "torch_fused")
 from bench import measure, report, workloads
+from portopt.backends import select_backend
 from portopt.backends.torch_fused import match_fused_kernel
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -112,7 +113,10 @@ def bench_case(alg: workloads.Algorithm, size: int, dtype_name: str, rounds: int
     numel = sum(workloads._numel(s) for s in shapes)
     element = torch.finfo(dtype).bits // 8
     bytes_per_step = numel * workloads.spec_bytes_per_element(alg.spec, element, element)
-    runners = [workloads.StreamRunner(bytes_per_step), *_runners(alg, shapes, dtype)]
+    runners: list[workloads.Runner] = [workloads.StreamRunner(bytes_per_step)]
+    if element == 2:
+        runners.append(workloads.ConversionFloorRunner(numel, len(alg.spec.states), dtype))
+    runners += _runners(alg, shapes, dtype)
     rows: list[dict[str, Any]] = []
     first_steps = []
     for r in runners:
@@ -153,6 +157,8 @@ def bench_case(alg: workloads.Algorithm, size: int, dtype_name: str, rounds: int
         "roofline_ms": bytes_per_step / roofline / 1e6,
         "stream_ms": statistics.median(stream) * 1e3,
         "baseline": rows[base]["implementation"],
+        # What portopt.<Algorithm>(params) uses by default for this group on this device.
+        "auto_choice": select_backend("cpu", "auto", alg.spec, numel).name,
         "rows": rows,
     }
 

@@ -175,6 +175,33 @@ class StreamRunner(Runner):
         self.a.add_(self.b)
 
 
+class ConversionFloorRunner(Runner):
+    """For 16-bit storage: a compiled kernel that only converts, timed in the same rounds.
+
+    It loads ``p``, ``g`` and ``n_states`` states of ``numel`` elements each, widens them to
+    float32, adds ``g`` and stores ``p`` and the states back (rounding to nearest): the
+    loads, conversions and stores of a one-pass step without its arithmetic. Where it is
+    far slower than the roofline, a 16-bit step is bound by conversion instructions, not
+    memory (a CPU without native bf16 conversion).
+    """
+
+    def __init__(self, numel: int, n_states: int, dtype: torch.dtype) -> None:
+        self.name = f"convert-only kernel ({dtype}, no math)"
+        self.kind = "roofline"
+        self.tensors = [torch.zeros(numel, dtype=dtype) for _ in range(2 + n_states)]
+
+        def convert_only(p: Tensor, g: Tensor, *states: Tensor) -> None:
+            wide = g.float()
+            p.copy_(p.float() + wide)
+            for s in states:
+                s.copy_(s.float() + wide)
+
+        self.kernel = torch.compile(convert_only, dynamic=False, fullgraph=True)
+
+    def step(self) -> None:
+        self.kernel(*self.tensors)
+
+
 class OptimizerRunner(Runner):
     """A torch.optim.Optimizer (torch's own or a third party's) over the layout."""
 
