@@ -233,13 +233,16 @@ def _inductor_options(plan: KernelPlan) -> dict[str, Any]:
     """
     if not plan.reductions:
         return {}
-    return {
+    wanted = {
         "realize_reads_threshold": 64,
         "realize_opcount_threshold": 4096,
         "realize_cpu_opcount_threshold": 4096,
         "realize_acc_reads_threshold": 64,
         "realize_cpu_acc_reads_threshold": 64,
     }
+    # Settings come and go between torch releases (the CPU ones are newer than torch 2.11's
+    # minimum): patch only those this torch has, since patching an unknown one raises.
+    return {key: value for key, value in wanted.items() if hasattr(torch._inductor.config, key)}
 
 
 def _argument_layout(example_inputs: list[Any], scratch: list[Tensor]) -> tuple[tuple[int, int], ...] | None:
