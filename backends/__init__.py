@@ -118,11 +118,16 @@ def _load_optional(name: str) -> None:
         importlib.import_module(module)
 
 
-def available() -> list[BackendStatus]:
-    """Every known backend: usable here or not, and why (missing package, missing device)."""
+def _load_all() -> None:
+    """Register every backend that can be: entry points and the lazily imported built-ins."""
     load_entry_points()
     for name in OPTIONAL_BUILTIN:
         _load_optional(name)
+
+
+def available() -> list[BackendStatus]:
+    """Every known backend: usable here or not, and why (missing package, missing device)."""
+    _load_all()
     rows = []
     for name, backend in sorted(registered_backends().items()):
         reason = _backend_reason(backend)
@@ -162,9 +167,7 @@ def select_backend(
         if reason is not None:
             raise ValueError(f"backend {name!r} is not usable here: {reason}")
         return backend
-    load_entry_points()
-    for optional in OPTIONAL_BUILTIN:
-        _load_optional(optional)
+    _load_all()
     chosen = auto_choice(device_type, spec, numel)
     if chosen is None:
         raise ValueError(
@@ -188,9 +191,7 @@ def named_backend(name: str) -> Backend:
 
 def auto_thresholds() -> set[int]:
     """The group sizes at which ``"auto"`` may change its choice (every backend's ``min_auto_numel``)."""
-    load_entry_points()
-    for optional in OPTIONAL_BUILTIN:
-        _load_optional(optional)
+    _load_all()
     return {b.min_auto_numel() for b in registered_backends().values() if b.auto_select}
 
 

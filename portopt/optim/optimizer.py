@@ -132,6 +132,7 @@ class Optimizer(torch.optim.Optimizer):
         self._backends: dict[tuple[Any, ...], Backend] = {}
         self._step_functions: dict[tuple[str, Spec, PrecisionPolicy | None], Callable[..., None]] = {}
         self._policies: dict[int, PrecisionPolicy] = {}
+        self._auto_thresholds: set[int] | None = None
 
     def base_spec(self, group: Mapping[str, Any]) -> Spec:
         """The spec of a param group before ``maximize`` (named classes choose it by options)."""
@@ -301,7 +302,9 @@ class Optimizer(torch.optim.Optimizer):
         # "auto" depends on the group size only through the backends' thresholds: key on the largest reached.
         reached = 0
         if self.backend == "auto":
-            reached = max((n for n in backends.auto_thresholds() if n <= numel), default=0)
+            if self._auto_thresholds is None:  # read once per optimizer, not on every step
+                self._auto_thresholds = backends.auto_thresholds()
+            reached = max((n for n in self._auto_thresholds if n <= numel), default=0)
         key = (device.type, spec, reached)
         backend = self._backends.get(key)
         if backend is None:
