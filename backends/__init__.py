@@ -1,7 +1,7 @@
 """Backends, imported as ``portopt.backends.<name>``; each registers itself on import.
 
 Importing this package registers the built-in backends ``reference`` and ``torch``;
-``torch_fused`` and ``compiled`` register on first use.
+``torch_fused``, ``compiled``, ``npu`` and ``npu-contract`` register on first use.
 Third-party backends register through the entry point group ``portopt.backends``: the
 entry point names a module (importing it registers), a
 :class:`~portopt.lowering.backend.Backend`, or a callable returning one. Entry points are
@@ -39,7 +39,12 @@ __all__ = [
 ]
 
 BUILTIN = (reference.REFERENCE.name, torch_generic.TORCH_GENERIC.name)
-OPTIONAL_BUILTIN = {"compiled": "portopt.backends.compiled", "torch_fused": "portopt.backends.torch_fused"}
+OPTIONAL_BUILTIN = {
+    "compiled": "portopt.backends.compiled",
+    "torch_fused": "portopt.backends.torch_fused",
+    "npu": "portopt.backends.npu",
+    "npu-contract": "portopt.backends.npu",
+}
 """Built-in backends imported on first use: by name, or when ``"auto"`` first chooses."""
 ENTRY_POINT_GROUP = "portopt.backends"
 
@@ -136,6 +141,8 @@ def available() -> list[BackendStatus]:
             how = f"priority {backend.priority}" if backend.auto_select else "by name only"
             if backend.auto_select and backend.min_auto_numel() > 0:
                 how += f"; auto for groups of >= {backend.min_auto_numel():,} elements"
+            if backend.label:
+                how += f"; {backend.label}"
             rows.append(BackendStatus(name, True, f"usable on {', '.join(here)} ({how})"))
         else:
             rows.append(BackendStatus(name, False, reason))

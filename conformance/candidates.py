@@ -201,7 +201,8 @@ class BackendImplementation:
 
     @property
     def name(self) -> str:
-        return self.backend.name
+        label = self.backend.label
+        return f"{self.backend.name} ({label})" if label else self.backend.name
 
     def unavailable_reason(self, case: Case, spec: Spec, precision: Precision, device: str) -> str | None:
         reason = self.backend.unavailable_reason()
