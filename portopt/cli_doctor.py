@@ -46,13 +46,13 @@ def run(args: argparse.Namespace) -> int:
     facts("CPU", doctor._guard("CPU", doctor.cpu_facts))
     listing("devices", ("device", "present", "names / why not"), doctor._guard("devices", doctor.devices))
     listing("backends", ("backend", "usable", "how chosen / why not"), doctor._guard("backends", doctor.backends))
-    kernels = Table(title="vendor kernels (per backend, op and device: dtypes used, and why not)", title_justify="left")
-    for column in ("backend", "op", "device", "used for", "not used for"):
-        kernels.add_column(column, overflow="fold")
+    kernels = Table(title="vendor kernels (per backend, op, device and dtype: used, or why not)", title_justify="left")
+    for column, width in (("backend", 12), ("op", 22), ("device", 16), ("dtypes", 17)):
+        kernels.add_column(column, overflow="fold", max_width=width)
+    kernels.add_column("used / why not", overflow="fold", ratio=1)
     for row in doctor.vendor_kernels():
-        refused = "\n".join(f"{dtype}: {why}" for dtype, why in row.refused)
-        cells = (row.backend, row.op, row.device, ", ".join(row.usable) or "-", refused or "-")
-        kernels.add_row(*(escape(cell) for cell in cells))
+        cells = (row.backend, row.op, row.device, row.dtypes, "yes" if row.why_not is None else row.why_not)
+        kernels.add_row(*(escape(cell) for cell in cells), style="green" if row.why_not is None else None)
     console.print(kernels)
     return 0
 

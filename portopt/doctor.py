@@ -53,13 +53,14 @@ DEVICE_TYPES = ("cpu", "cuda", "npu", "xpu", "mps")
 
 @dataclass(frozen=True)
 class KernelRow:
-    """A vendor op as one backend uses it on one device type: the dtypes it takes, and why not the others."""
+    """A vendor op as one backend uses it on one device type, for some dtypes: ``why_not`` is ``None`` where the
+    backend hands those dtypes to the op, else the reason."""
 
     backend: str
     op: str
     device: str
-    usable: tuple[str, ...]
-    refused: tuple[tuple[str, str], ...]
+    dtypes: str
+    why_not: str | None
 
 
 def _guard(what: str, fn: Callable[[], list[Any]]) -> list[Any]:
@@ -124,7 +125,23 @@ def versions() -> list[tuple[str, str]]:
         rows.append(("torch device backends", "; ".join(entry_points) + " (loaded by `import torch`)"))
     rows.append(("torch_npu", _torch_npu_line(torch is not None)))
     rows.append(("CANN", cann_version(torch is not None)))
+    if torch is not None:
+        rows.append(("NPU op contract", _contract_line()))
     return rows
+
+
+def _contract_line() -> str:
+    from portopt.backends.npu.ops import OPS_VARIABLE, NpuOpsError, contract_ops
+
+    try:
+        table = contract_ops()
+    except NpuOpsError as exc:
+        return str(exc)
+    version = f" ({table.version})" if table.version else ""
+    return (
+        f"{table.source}{version}, SoC {table.soc or 'unknown'}: the ops npu-contract runs on CPU "
+        f"(${OPS_VARIABLE} names another module)"
+    )
 
 
 def _torch_npu_line(torch_ok: bool) -> str:
@@ -300,28 +317,24 @@ def vendor_kernels() -> list[KernelRow]:
         return []
     rows = _guard("torch fused kernels", lambda: _torch_fused_rows(torch))
     rows += _guard("npu kernels", _npu_rows)
-    return [r if isinstance(r, KernelRow) else KernelRow(r[0], "-", "-", (), (("-", r[1]),)) for r in rows]
+    return [r if isinstance(r, KernelRow) else KernelRow(r[0], "-", "-", "-", r[1]) for r in rows]
 
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-def _summarise(backend: str, op: str, device: str, verdicts: Iterable[tuple[str, str | None]]) -> KernelRow:
-    """One row from ``(dtype name, reason or None)`` verdicts of every configuration of ``op``; dtypes refused
-    for the same reason share one entry."""
-    first: dict[str, str] = {}
-    seen: list[str] = []
+def _summarise(backend: str, op: str, device: str, verdicts: Iterable[tuple[str, str | None]]) -> list[KernelRow]:
+    """Rows from ``(dtype name, reason or None)`` verdicts of every configuration of ``op``: the dtypes used, then
+    the refused ones grouped by reason (a dtype is refused when some configuration refuses it)."""
+    first: dict[str, str | None] = {}
     for dtype, reason in verdicts:
-        if dtype not in seen:
-            seen.append(dtype)
-        if reason is not None:
-            first.setdefault(dtype, reason)
-    grouped: dict[str, list[str]] = {}
-    for dtype in seen:
-        if dtype in first:
-            grouped.setdefault(first[dtype], []).append(dtype)
-    refused = tuple((", ".join(dtypes), why) for why, dtypes in grouped.items())
-    return KernelRow(backend, op, device, tuple(d for d in seen if d not in first), refused)
+        if first.get(dtype) is None:
+            first[dtype] = reason
+    grouped: dict[str | None, list[str]] = {}
+    for dtype, reason in first.items():
+        grouped.setdefault(reason, []).append(dtype)
+    ordered = sorted(grouped.items(), key=lambda item: item[0] is not None)
+    return [KernelRow(backend, op, device, ", ".join(dtypes), why) for why, dtypes in ordered]
 
 
 def _torch_fused_rows(torch: Any) -> list[KernelRow]:
@@ -333,14 +346,14 @@ def _torch_fused_rows(torch: Any) -> list[KernelRow]:
     for device_type in FUSED_DEVICE_TYPES:
         absent = device_unavailable_reason(device_type)
         if absent is not None:
-            rows.append(KernelRow(NAME, ", ".join(ops), device_type, (), (("all", absent),)))
+            rows.append(KernelRow(NAME, ", ".join(ops), device_type, "all", absent))
             continue
         for op in ops:
             configs = [k for k in KERNELS if k.spec.name == op]
             verdicts = [
                 (name, dtype_reason(k, device_type, getattr(torch, name))) for name in DTYPE_NAMES for k in configs
             ]
-            rows.append(_summarise(NAME, op, device_type, verdicts))
+            rows += _summarise(NAME, op, device_type, verdicts)
     return rows
 
 
@@ -360,7 +373,7 @@ def _npu_rows() -> list[KernelRow]:
     rows = []
     for backend, ops, device_type in ((NAME, hardware_ops(), "npu"), (CONTRACT_NAME, contract, "cpu")):
         if isinstance(ops, str):
-            rows.append(KernelRow(backend, ", ".join(OP_NAMES), device_type, (), (("all", ops),)))
+            rows.append(KernelRow(backend, ", ".join(OP_NAMES), device_type, "all", ops))
             continue
         table = ops
         for op in OP_NAMES:
@@ -370,7 +383,6 @@ def _npu_rows() -> list[KernelRow]:
                 for k in KERNELS
                 if k.op == op
             ]
-            where = f"{device_type} (SoC {table.soc or 'unknown'}"
-            where += f"; emulated by {table.source})" if table.emulated else ")"
-            rows.append(_summarise(backend, op, where, verdicts))
+            where = f"{device_type} ({'emulated ' if table.emulated else ''}{table.soc or 'SoC unknown'})"
+            rows += _summarise(backend, op, where, verdicts)
     return rows

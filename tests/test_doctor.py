@@ -42,7 +42,8 @@ def test_doctor_reports_versions_cpu_devices_backends_and_kernels(
         assert "no cuda device" in out
     assert "_fused_adamw_" in out
     assert "npu_apply_adam_w" in out
-    assert "emulated by portopt.backends.npu_emulation" in out
+    assert "portopt.backends.npu_emulation (emulation of torch_npu" in out
+    assert "cpu (emulated Ascend950PR)" in out
 
 
 def test_isa_flags_come_from_cpuinfo(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,6 +92,28 @@ def test_a_broken_torch_npu_breaks_nothing_else(tmp_path: Path) -> None:
     assert "cpu: " in done.stdout
     doctor_output = done.stdout.split("cpu: ", 1)[1]
     assert "unusable: package torch_npu failed to import: OSError: libhccl.so" in doctor_output
+
+
+def test_a_broken_torch_npu_in_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from portopt import backends
+
+    package = tmp_path / "torch_npu"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise ImportError("libascendcl.so: cannot open shared object file")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(backends, "_import_failures", {})
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    rows = {r.name: r for r in backends.available()}
+    assert (
+        rows["npu"].reason
+        == "package torch_npu failed to import: ImportError: libascendcl.so: cannot open shared object file"
+    )
+    assert rows["npu-contract"].usable
+    assert backends.select_backend("cpu").name in rows
+    out = run_doctor(capsys, monkeypatch)
+    assert "failed to import: ImportError: libascendcl.so" in out
 
 
 def test_doctor_survives_a_torch_that_does_not_import(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -72,18 +71,14 @@ class NpuOps:
 
 
 def torch_npu_status() -> tuple[Any, str | None]:
-    """``(torch_npu module, None)``, or ``(None, why it cannot be used)``; imports it at most once."""
-    return _torch_npu_status()
+    """``(torch_npu module, None)``, or ``(None, why it cannot be used)``: missing, broken (its import is
+    tried once: :func:`portopt.backends.package_reason`), or built for another torch."""
+    from portopt.backends import package_reason
 
-
-@functools.cache
-def _torch_npu_status() -> tuple[Any, str | None]:
-    if importlib.util.find_spec("torch_npu") is None:
-        return None, "package torch_npu is not installed"
-    try:
-        module = importlib.import_module("torch_npu")
-    except Exception as exc:  # a broken vendor install (no CANN libraries) is a reason, not a crash
-        return None, f"package torch_npu failed to import: {type(exc).__name__}: {exc}"
+    reason = package_reason("torch_npu")
+    if reason is not None:
+        return None, reason
+    module = importlib.import_module("torch_npu")
     version = str(getattr(module, "__version__", "unknown"))
     if _major_minor(version) != _major_minor(torch.__version__):
         return None, (
@@ -116,13 +111,17 @@ def npu_soc(module: Any) -> str | None:
         return None
 
 
-@functools.cache
 def hardware_ops() -> NpuOps | str:
     """torch_npu's op table, or why there is none (the package is missing or broken)."""
     module, reason = torch_npu_status()
     if module is None:
         assert reason is not None
         return reason
+    return _hardware_table(module)
+
+
+@functools.lru_cache(maxsize=1)
+def _hardware_table(module: Any) -> NpuOps:
     version = str(getattr(module, "__version__", "unknown"))
     available: list[tuple[str, Callable[..., Any]]] = []
     absent: list[tuple[str, str]] = []
