@@ -62,6 +62,37 @@ def test_a_bad_ops_module_skips_every_case_with_the_variable_named(
     assert all(OPS_VARIABLE in r["reason"] for r in results)
 
 
+def test_device_npu_without_torch_npu_is_skipped_with_the_reason(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Before torch_npu is imported torch cannot even parse "npu": the suite must say what is missing, not crash."""
+    from portopt.backends import device_unavailable_reason
+
+    missing = device_unavailable_reason("npu")
+    if missing is None:
+        pytest.skip("an NPU is present here")
+    code = portopt_main(
+        [
+            "conformance",
+            "--quick",
+            "--case",
+            "adamw*",
+            "--precision",
+            "fp32",
+            "--device",
+            "npu",
+            "--report-dir",
+            str(tmp_path),
+        ]
+    )
+    capsys.readouterr()
+    results = json.loads((tmp_path / "conformance.json").read_text())["results"]
+    assert code == 0
+    assert results
+    assert {r["status"] for r in results} == {"skip"}
+    assert any(missing in r["reason"] for r in results)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("soc", ["Ascend950PR", "Ascend910B3", "Ascend910A"])
 def test_the_full_adamw_adam_sgd_matrix_passes(

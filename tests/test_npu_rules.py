@@ -339,3 +339,10 @@ def test_the_rule_skips_on_found_inf_and_unscales_itself(spy) -> None:
     for h, g in zip(handed, grads[1], strict=True):
         torch.testing.assert_close(h, g, rtol=0, atol=0)  # the unscaled gradient is left in place
     assert all(gs is None and fi is None for _, gs, fi in ops.calls), "no op ever sees GradScaler's tensors"
+
+
+def test_an_ops_module_without_a_soc_has_no_soc_limits(spy) -> None:
+    ops = spy()
+    del ops.module.soc_name
+    assert contract_ops().soc is None
+    assert one_step(get_spec("adam"), torch.float32) == "torch_npu _fused_adam_(amsgrad=False, maximize=False)"

@@ -12,8 +12,9 @@ SoC they run on and where they came from. The same rule code runs on either tabl
 * :func:`contract_ops`: a module named by ``PORTOPT_NPU_OPS`` (default
   :mod:`portopt.backends.npu_emulation`, the CPU emulation written from the documented
   semantics), exposing some of the four functions with torch_npu's signatures and
-  optionally ``soc_name()`` and ``__version__``. A value that cannot be imported, or a
-  module with none of the ops, is an :class:`NpuOpsError` naming the variable.
+  optionally ``soc_name()`` (the SoC whose kernel and dtype limits apply; without it, none
+  do) and ``__version__``. A value that cannot be imported, or a module with none of the
+  ops, is an :class:`NpuOpsError` naming the variable.
 
 Nothing is imported or probed before a rule or ``portopt doctor`` asks.
 """

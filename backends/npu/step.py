@@ -78,9 +78,10 @@ def kernel_reason(
     """``None`` if the rule can hand ``dtype`` tensors on ``device_type`` to ``kernel`` from ``ops``, else why not.
 
     ``values`` are the kernel's hyperparameter values (``None``: not checked)."""
+    soc_limits = ops.soc is not None or not ops.emulated  # an op module that names no SoC has no SoC limits
     reason = (
         ops.missing_reason(kernel.op)
-        or kernel.soc_reason(ops.soc)
+        or (kernel.soc_reason(ops.soc) if soc_limits else None)
         or kernel.dtype_reason(dtype)
         or (kernel.refuses(values) if values is not None else None)
     )
