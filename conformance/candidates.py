@@ -144,11 +144,12 @@ def device_unavailable_reason(device: str) -> str | None:
         dev = torch.device(device)
     except RuntimeError as exc:
         return f"invalid device {device!r}: {exc}"
-    if dev.index is None:
+    index: int | None = dev.index
+    if index is None:
         return None
     module: Any = getattr(torch, dev.type, None)
     count = int(getattr(module, "device_count", lambda: 1)())
-    if dev.index >= count:
+    if index >= count:
         return f"device {device} does not exist: {count} {dev.type} device(s) here"
     return None
 
