@@ -312,9 +312,9 @@ def backends() -> list[tuple[str, str, str]]:
 
 def vendor_kernels() -> list[KernelRow]:
     """torch's fused kernels and the NPU ops, per backend, op and device type: which dtypes, and why not."""
-    torch, _ = import_torch()
+    torch, error = import_torch()
     if torch is None:
-        return []
+        return [KernelRow("(all)", "-", "-", "-", error or "torch does not import")]
     rows = _guard("torch fused kernels", lambda: _torch_fused_rows(torch))
     rows += _guard("npu kernels", _npu_rows)
     return [r if isinstance(r, KernelRow) else KernelRow(r[0], "-", "-", "-", r[1]) for r in rows]
