@@ -19,9 +19,14 @@ portopt show adamw
 # The parity run: every algorithm on every backend usable on this machine's devices, in every
 # precision, against the float64 reference (JSON, JUnit XML and HTML report in $report_dir).
 # Extra arguments are passed on (e.g. --quick, --algorithm adamw, --device cuda).
+# npu-contract runs the NPU backend's rule on CPU through the emulated Ascend ops (labelled so in the report).
 devices=(--device cpu)
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     devices+=(--device cuda)
+fi
+# An Ascend NPU (torch_npu and CANN installed: `pip install 'portopt[npu]'`), looked for without breaking the job.
+if python -c "import sys; from portopt.backends import device_unavailable_reason as r; sys.exit(r('npu') is not None)" 2>/dev/null; then
+    devices+=(--device npu)
 fi
 portopt conformance "${devices[@]}" --report-dir "$report_dir" "$@"
 

@@ -1,7 +1,7 @@
 """Backends, imported as ``portopt.backends.<name>``; each registers itself on import.
 
 Importing this package registers the built-in backends ``reference`` and ``torch``;
-``torch_fused`` and ``compiled`` register on first use.
+``torch_fused``, ``compiled``, ``npu`` and ``npu-contract`` register on first use.
 Third-party backends register through the entry point group ``portopt.backends``: the
 entry point names a module (importing it registers), a
 :class:`~portopt.lowering.backend.Backend`, or a callable returning one. Entry points are
@@ -35,11 +35,17 @@ __all__ = [
     "device_unavailable_reason",
     "load_entry_points",
     "named_backend",
+    "package_reason",
     "select_backend",
 ]
 
 BUILTIN = (reference.REFERENCE.name, torch_generic.TORCH_GENERIC.name)
-OPTIONAL_BUILTIN = {"compiled": "portopt.backends.compiled", "torch_fused": "portopt.backends.torch_fused"}
+OPTIONAL_BUILTIN = {
+    "compiled": "portopt.backends.compiled",
+    "torch_fused": "portopt.backends.torch_fused",
+    "npu": "portopt.backends.npu",
+    "npu-contract": "portopt.backends.npu",
+}
 """Built-in backends imported on first use: by name, or when ``"auto"`` first chooses."""
 ENTRY_POINT_GROUP = "portopt.backends"
 
@@ -85,12 +91,9 @@ def device_unavailable_reason(device_type: str) -> str | None:
         return None
     package = _DEVICE_PACKAGES.get(device_type)
     if package is not None:
-        if importlib.util.find_spec(package) is None:
-            return f"package {package} is not installed"
-        try:
-            importlib.import_module(package)
-        except Exception as exc:  # a broken vendor install is a reason, not a crash
-            return f"package {package} failed to import: {type(exc).__name__}: {exc}"
+        reason = package_reason(package)
+        if reason is not None:
+            return reason
     if device_type == "mps":
         present = torch.backends.mps.is_available()
     else:
@@ -100,6 +103,26 @@ def device_unavailable_reason(device_type: str) -> str | None:
             return f"this torch build has no {device_type} support (no torch.{device_type}.is_available)"
         present = bool(is_available())
     return None if present else f"no {device_type} device (torch.{device_type}.is_available() is False)"
+
+
+_import_failures: dict[str, str] = {}
+
+
+def package_reason(package: str) -> str | None:
+    """``None`` if the vendor package ``package`` imports, else why not (not installed, or the import's error).
+
+    A failed import is remembered and not tried again: re-importing a package whose first import
+    failed half-way (its C extension loaded) is not safe."""
+    if package in _import_failures:
+        return _import_failures[package]
+    if importlib.util.find_spec(package) is None:
+        return f"package {package} is not installed"
+    try:
+        importlib.import_module(package)
+    except Exception as exc:  # a broken vendor install is a reason, not a crash
+        _import_failures[package] = f"package {package} failed to import: {type(exc).__name__}: {exc}"
+        return _import_failures[package]
+    return None
 
 
 def _backend_reason(backend: Backend) -> str | None:
@@ -136,6 +159,8 @@ def available() -> list[BackendStatus]:
             how = f"priority {backend.priority}" if backend.auto_select else "by name only"
             if backend.auto_select and backend.min_auto_numel() > 0:
                 how += f"; auto for groups of >= {backend.min_auto_numel():,} elements"
+            if backend.label:
+                how += f"; {backend.label}"
             rows.append(BackendStatus(name, True, f"usable on {', '.join(here)} ({how})"))
         else:
             rows.append(BackendStatus(name, False, reason))

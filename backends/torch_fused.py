@@ -376,6 +376,16 @@ def probe(kernel: FusedKernel, device_type: str, dtype: torch.dtype) -> str | No
     return None
 
 
+def dtype_reason(kernel: FusedKernel, device_type: str, dtype: torch.dtype) -> str | None:
+    """``None`` if the rule hands ``dtype`` tensors on ``device_type`` to ``kernel``, else why not."""
+    if device_type not in FUSED_DEVICE_TYPES:
+        return f"no torch fused kernel for device type {device_type!r}"
+    if dtype in (torch.bfloat16, torch.float16) and not kernel.hypers_in_opmath:
+        # Seen by the conformance suite on torch 2.13's CPU _fused_adagrad_ (bf16): 3x over tolerance.
+        return f"{kernel.name} rounds lr, eps and weight decay to {dtype}, not computed in float32"
+    return probe(kernel, device_type, dtype)
+
+
 # --------------------------------------------------------------------------------------
 # The step function.
 
@@ -443,16 +453,11 @@ class FusedStep:
         names = [user for _, user in self.match.binding.states]
         for param, grad, param_state in zip(params, grads, states, strict=True):
             tensors = [param, grad, *(param_state[n] for n in names if param_state)]
-            if param.device.type not in FUSED_DEVICE_TYPES:
-                return f"no torch fused kernel for device type {param.device.type!r}"
             if any(t.dtype != param.dtype for t in tensors):
                 return "the fused kernels need the gradient and states in the parameter's dtype"
             if not all(t.is_contiguous() for t in tensors):
                 return "the fused kernels need contiguous parameters, gradients and states"
-            if param.dtype in (torch.bfloat16, torch.float16) and not kernel.hypers_in_opmath:
-                # Seen by the conformance suite on torch 2.13's CPU _fused_adagrad_ (bf16): 3x over tolerance.
-                return f"{kernel.name} rounds lr, eps and weight decay to {param.dtype}, not computed in float32"
-            failed = probe(kernel, param.device.type, param.dtype)
+            failed = dtype_reason(kernel, param.device.type, param.dtype)
             if failed is not None:
                 return failed
         return None

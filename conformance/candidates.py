@@ -127,20 +127,29 @@ def front_end_reason(case: Case, precision: Precision) -> str | None:
     return None
 
 
+def device_type_of(device: str) -> str:
+    """The device type of a device string (``"npu:1"`` -> ``"npu"``), without asking torch: torch parses
+    ``"npu"`` only once torch_npu is imported."""
+    return device.split(":", 1)[0].strip()
+
+
 def device_unavailable_reason(device: str) -> str | None:
     """Why ``device`` cannot be used here, or ``None``."""
     from portopt.backends import device_unavailable_reason as type_reason
 
+    reason = type_reason(device_type_of(device))  # imports a vendor device package (torch_npu) first
+    if reason is not None:
+        return reason
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
         return f"invalid device {device!r}: {exc}"
-    reason = type_reason(dev.type)
-    if reason is not None or dev.index is None:
-        return reason
+    index: int | None = dev.index
+    if index is None:
+        return None
     module: Any = getattr(torch, dev.type, None)
     count = int(getattr(module, "device_count", lambda: 1)())
-    if dev.index >= count:
+    if index >= count:
         return f"device {device} does not exist: {count} {dev.type} device(s) here"
     return None
 
@@ -201,13 +210,14 @@ class BackendImplementation:
 
     @property
     def name(self) -> str:
-        return self.backend.name
+        label = self.backend.label
+        return f"{self.backend.name} ({label})" if label else self.backend.name
 
     def unavailable_reason(self, case: Case, spec: Spec, precision: Precision, device: str) -> str | None:
         reason = self.backend.unavailable_reason()
         if reason:
             return f"backend {self.backend.name} unavailable: {reason}"
-        dev_type = torch.device(device).type
+        dev_type = device_type_of(device)
         if dev_type not in self.backend.device_types:
             return f"backend {self.backend.name} does not run on {dev_type} (runs on: {', '.join(self.backend.device_types)})"
         unsupported = self.backend.unsupported_reason(spec)

@@ -97,6 +97,9 @@ class Backend:
     min_auto_numel: Callable[[], int] = lambda: 0
     """``backend="auto"`` takes it only for a group with at least this many elements on one device:
     its one-off cost (compiling) pays for itself only over enough bytes."""
+    label: str = ""
+    """Said with the name wherever results are reported, when the name alone would mislead (an
+    emulation of a vendor's ops says that it is one, not the hardware)."""
 
 
 def step_counter_dtype() -> torch.dtype:
