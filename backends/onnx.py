@@ -17,7 +17,8 @@ spec's distinct nodes; ONNX node and value names come from indices, never from t
 strings, and the interface names (state and hyperparameter names) must be C identifiers,
 as the ONNX IR asks. The model carries the spec's JSON (``portopt.spec``) and its rendered
 equations (``portopt.equations``, ``portopt.equations.latex``) in ``metadata_props`` and
-passes ``onnx.checker.check_model(full_check=True)``.
+passes ``onnx.checker.check_model(full_check=True)``. (Equations that would be huge written out, a
+DAG reusing nodes at depth, are left unrendered: the JSON still holds the spec.)
 
 **Numbers, as the precision contract pins them.** Step-only values (``1 − β2^t``, RAdam's
 ρ_t and rectification, a ``where`` condition on them) are computed in float64 inside the
@@ -451,6 +452,27 @@ def _prefix(names: Sequence[str]) -> str:
     return prefix
 
 
+RENDER_LIMIT = 20_000
+"""The most expression nodes the equations may have written out as a tree (rendering inlines shared nodes)."""
+RENDER_DEPTH = 200
+_UNRENDERED = (
+    f"(not rendered: written out, the expressions exceed {RENDER_LIMIT} nodes or {RENDER_DEPTH} levels; "
+    "the spec's JSON in portopt.spec holds them)"
+)
+
+
+def _renderable(spec: Spec) -> bool:
+    """Whether the rendered equations stay small: the expression trees' sizes and depths, counted over the
+    DAG in one pass (a DAG that reuses nodes can have exponentially many paths)."""
+    size: dict[Expr, int] = {}
+    depth: dict[Expr, int] = {}
+    roots = [*spec.roots, *(s.init for s in spec.states)]
+    for node in walk(roots):
+        size[node] = min(RENDER_LIMIT + 1, 1 + sum(size[a] for a in node.args))
+        depth[node] = 1 + max((depth[a] for a in node.args), default=0)
+    return sum(size[r] for r in roots) <= RENDER_LIMIT and max(depth[r] for r in roots) <= RENDER_DEPTH
+
+
 def _model(
     target: _Target,
     graph: _Graph,
@@ -478,13 +500,14 @@ def _model(
         producer_version=__version__,
         doc_string=doc,
     )
+    text, latex = (render_text(spec), render_latex(spec)) if _renderable(spec) else (_UNRENDERED, _UNRENDERED)
     helper.set_model_props(
         model,
         {
             "portopt.role": role,
             "portopt.spec": spec_to_json(spec),
-            "portopt.equations": render_text(spec),
-            "portopt.equations.latex": render_latex(spec),
+            "portopt.equations": text,
+            "portopt.equations.latex": latex,
         },
     )
     checker.check_model(model, full_check=True)

@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "portopt.cli_list",
     "portopt.cli_memory",
     "portopt.conformance.cli",
+    "portopt.cli_export",
 )
 """Modules that each define a ``COMMAND``, in the order ``portopt --help`` lists them."""
 
