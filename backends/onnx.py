@@ -407,6 +407,8 @@ class _Target:
 def _target(
     spec: Spec, dtype: str, types: StepTypes | None, rank: int | None, opset: int, scalar_dtype: str
 ) -> _Target:
+    if importlib.util.find_spec("onnx") is None:
+        raise OnnxExportError(f"writing an ONNX model needs the onnx package ({INSTALL_HINT})")
     import onnx
 
     interface_names(spec)
@@ -418,18 +420,22 @@ def _target(
             f"{spec.name}: state dtypes must be given for {', '.join(spec.state_names) or 'no state'}"
         )
     newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+    if not _is_int(opset) or not MIN_OPSET <= opset <= newest:
         raise OnnxExportError(f"opset {opset!r} is not supported: use an integer from {MIN_OPSET} to {newest}")
     factored = needs_matrices(spec)
     if rank is None:
         rank = 2 if factored else 1
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
+    if not _is_int(rank) or not 0 <= rank <= MAX_RANK:
         raise OnnxExportError(f"rank {rank!r} is not supported: use an integer from 0 to {MAX_RANK}")
     if factored and rank < 2:
         raise OnnxExportError(f"{spec.name} factors by rows and columns: it needs rank >= 2, got {rank}")
     if scalar_dtype not in SCALAR_DTYPES:
         raise OnnxExportError(f"scalar dtype {scalar_dtype!r} is not supported; use one of {', '.join(SCALAR_DTYPES)}")
     return _Target(spec, types, rank, opset, _ELEM[scalar_dtype])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shape(rank: int, layout: Layout) -> list[str | int]:
@@ -530,13 +536,14 @@ def spec_to_onnx(
     or 2 for a spec that factors by rows and columns; flatten a tensor to step it with rank 1);
     ``opset`` the ai.onnx opset; ``scalar_dtype`` the type of the step-only arithmetic.
     """
+    from onnx import helper
+
     target = _target(spec, dtype, types, rank, opset, scalar_dtype)
     inputs, outputs = interface_names(spec)
     graph = _Graph(_prefix([*inputs, *outputs]), opset)
     types = target.types
     state_types = dict(types.states)
     compute = types.compute
-    helper = graph.helper
     layouts = {s.name: s.layout for s in spec.states}
 
     def tensor_input(name: str, storage: str) -> str:
@@ -599,13 +606,14 @@ def init_to_onnx(
     Inputs ``param``, ``grad`` and every hyperparameter; outputs ``<state>_init`` in the
     state's storage dtype and shape.
     """
+    from onnx import helper
+
     target = _target(spec, dtype, types, rank, opset, scalar_dtype)
     inputs, outputs = interface_names(spec)
     graph = _Graph(_prefix([*inputs, *outputs, *(n + INIT_SUFFIX for n in spec.state_names)]), opset)
     types = target.types
     state_types = dict(types.states)
     compute = types.compute
-    helper = graph.helper
 
     def tensor_input(name: str, storage: str) -> str:
         return name if _ELEM[storage] == compute else graph.emit("Cast", [name], to=compute)

@@ -169,7 +169,7 @@ def _step_plus_one(node: Expr) -> Expr | None:
 def _decay_after_update(spec: Spec) -> Spec | None:
     """``p·(1 − lr·λ) − Δ₁ − Δ₂`` becomes ``(p − Δ₁ − Δ₂)·(1 − lr·λ)``: the decay multiplies the updated value."""
     decayed = strip(decoupled_decay(P))
-    node, steps = spec.param_update, []
+    node, steps = spec.param_update, list[Expr]()
     while node.op is Op.SUB and strip(node) != decayed:
         node, steps = node.args[0], [node.args[1], *steps]
     if strip(node) != decayed or not steps:

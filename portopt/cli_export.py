@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from portopt.cli import Subcommand, UsageError
 from portopt.cli_show import spec_from_args
 from portopt.spec.definition import Spec
 
-FORMATS = ("onnx",)
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from portopt.backends.onnx import DEFAULT_OPSET, DTYPES, SCALAR_DTYPES
-
+    # No backend import here (the parser is built for every subcommand): the lowering checks the values
+    # and its errors list what it accepts.
     sub = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
     onnx = sub.add_parser(
         "onnx",
@@ -34,16 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="structural options, e.g. amsgrad=true maximize=true",
     )
-    onnx.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype of param, grad and states")
+    onnx.add_argument(
+        "--dtype",
+        default="float32",
+        help="storage dtype of param, grad and states: float32, float16, bfloat16, float64",
+    )
     onnx.add_argument(
         "--rank", type=int, default=None, help="dims of the tensor (default 1: flatten it; 2 if factored)"
     )
-    onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ai.onnx opset (default {DEFAULT_OPSET})")
+    onnx.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: 17, loadable almost anywhere)")
     onnx.add_argument(
         "--scalar-dtype",
-        choices=SCALAR_DTYPES,
         default="float64",
-        help="type of the step-only arithmetic (bias corrections); float32 for runtimes without doubles",
+        help="type of the step-only arithmetic (bias corrections): float64, or float32 for runtimes without doubles",
     )
     onnx.add_argument(
         "--init-output", metavar="FILE", help="also write the states' initial values as a model (outputs <state>_init)"
@@ -56,24 +61,18 @@ def _spec(args: argparse.Namespace) -> Spec:
 
 
 def run(args: argparse.Namespace) -> int:
-    import importlib.util
-
-    from portopt.backends.onnx import INSTALL_HINT, OnnxExportError
-
-    if importlib.util.find_spec("onnx") is None:
-        raise UsageError(f"exporting to ONNX needs the onnx package ({INSTALL_HINT})")
-    import onnx
-
+    from portopt.backends.onnx import DEFAULT_OPSET, OnnxExportError
     from portopt.export import to_onnx
 
     spec = _spec(args)
-    written: list[tuple[Path, str, onnx.ModelProto]] = []
+    written: list[tuple[Path, str, ModelProto]] = []
     for init, path in ((False, args.output), (True, args.init_output)):
         if path is None:
             continue
         try:
+            opset = DEFAULT_OPSET if args.opset is None else args.opset
             model = to_onnx(
-                spec, init=init, dtype=args.dtype, rank=args.rank, opset=args.opset, scalar_dtype=args.scalar_dtype
+                spec, init=init, dtype=args.dtype, rank=args.rank, opset=opset, scalar_dtype=args.scalar_dtype
             )
         except OnnxExportError as exc:
             raise UsageError(str(exc)) from None
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         written.append((Path(path), what, model))
     for path, what, model in written:
         try:
-            onnx.save_model(model, str(path))
+            path.write_bytes(model.SerializeToString())
         except OSError as exc:
             raise UsageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
         graph = model.graph

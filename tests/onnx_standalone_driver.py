@@ -41,7 +41,8 @@ def main(step_path: str, init_path: str, data_path: str, out_path: str) -> None:
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("portopt", "torch"))
     if leaked:
         raise SystemExit(f"the driver must run on onnxruntime alone, but imported {leaked[:5]}")
-    np.savez(out_path, **{name: np.stack(values) for name, values in history.items()})
+    stacked: dict[str, np.ndarray] = {name: np.stack(values) for name, values in history.items()}
+    np.savez(out_path, **stacked)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from portopt.conformance.cases import build_cases
 from portopt.conformance.precision import PRECISIONS, ulp
 from portopt.conformance.results import PASS
 from portopt.conformance.runner import RunOptions, run_matrix
+from portopt.spec.symbols import Layout
 
 ORT_REASON = onnx_backend.onnxruntime_unavailable_reason()
 needs_onnxruntime = pytest.mark.skipif(ORT_REASON is not None, reason=ORT_REASON or "")
@@ -67,7 +68,7 @@ def test_float16_parameters_are_rounded_once_from_float32_arithmetic(name: str) 
         for name_, value in state.items():
             if name_ == "step":
                 continue
-            assert value.dtype == (torch.float32 if spec.state_decl(name_).layout.value == "tensor" else torch.float16)
+            assert value.dtype == (torch.float32 if spec.state_decl(name_).layout is Layout.TENSOR else torch.float16)
             expected = reference_state[name_]
             assert (value.double() - expected).abs().le(ulp(expected, value.dtype) + 1e-7 * expected.abs()).all()
 
@@ -111,7 +112,7 @@ def test_a_failing_step_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     real = onnx_backend._session
 
     def failing_on_rank_2(spec_: object, sig: onnx_backend._Signature) -> object:
-        session = real(spec_, sig)  # type: ignore[arg-type]
+        session = real(spec_, sig)
         if sig.rank < 2:
             return session
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ LIBRARY = [
 NODE_NAME = re.compile(r"n\d+_[A-Z][A-Za-z0-9]*")
 
 
-def _names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+def _names(model: Any) -> tuple[set[str], set[str]]:
     """Every node name, and every value name (node inputs and outputs, initializers, graph inputs/outputs)."""
     graph = model.graph
     values = {v for n in graph.node for v in [*n.input, *n.output]}
@@ -82,7 +83,7 @@ def test_the_interface_types_and_shapes() -> None:
     model = to_onnx(spec, dtype="float16", rank=2)
     T = onnx.TensorProto
 
-    def described(value: onnx.ValueInfoProto) -> tuple[int, list[str | int]]:
+    def described(value: Any) -> tuple[int, list[str | int]]:
         tensor = value.type.tensor_type
         return tensor.elem_type, [d.dim_param or d.dim_value for d in tensor.shape.dim]
 
@@ -128,7 +129,7 @@ def test_onnxruntime_loads_the_default_and_its_newest_versions() -> None:
 
     spec = build_spec("radam")
 
-    def loads(model: onnx.ModelProto) -> bool:
+    def loads(model: Any) -> bool:
         try:
             ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         except Exception:
@@ -279,6 +280,16 @@ def test_export_cli_errors_name_the_problem(
     assert code == USAGE_ERROR
     assert message in err
     assert not out.exists()
+
+
+def test_export_cli_help_names_the_default_opset_and_builds_without_torch() -> None:
+    code = "import sys; from portopt.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False", "building the parser must not import torch or a backend"
+    helped = subprocess.run(
+        [sys.executable, "-m", "portopt", "export", "onnx", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert f"default: {DEFAULT_OPSET}" in " ".join(helped.stdout.split())
 
 
 def test_export_cli_as_a_process(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ combined ONNX-Adam variant is checked to be ONNX's Adam exactly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pytest
 import torch
@@ -48,7 +50,7 @@ def test_onnxruntime_does_not_implement_the_preview_training_ops(op: str, states
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _run_op(op: str, states: tuple[str, ...], attrs: dict[str, object], r: float, t: int, x, g, *held):
+def _run_op(op: str, states: tuple[str, ...], attrs: Mapping[str, object], r: float, t: int, x, g, *held):
     from onnx.reference import ReferenceEvaluator
 
     model = preview.preview_model(op, states, attrs, onnx.TensorProto.DOUBLE)
@@ -64,7 +66,7 @@ def test_onnx_reference_adam_is_its_documented_pseudo_code(t: int) -> None:
     r = 0.01
     got = _run_op("Adam", ("V", "H"), a, r, t, x, g, v, h)
     # The operator's documentation, line by line (float32 attributes, as the model stores them):
-    alpha, beta, eps, nc, post = (float(np.float32(a[k])) for k in ADAM_ATTRS)  # type: ignore[arg-type]
+    alpha, beta, eps, nc, post = (float(np.float32(a[k])) for k in ADAM_ATTRS)
     r32 = float(np.float32(r))
     g_reg = nc * x + g
     v_new = alpha * v + (1 - alpha) * g_reg

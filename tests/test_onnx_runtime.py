@@ -10,9 +10,11 @@ in every parameter element after every step (float32 both sides).
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.skipif(ORT_REASON is not None, reason=ORT_REASON or "")
 
 STEPS = 20
 DRIVER = Path(__file__).with_name("onnx_standalone_driver.py")
-CASES = {
+CASES: dict[str, tuple[list[str], Any, dict[str, Any]]] = {
     "adamw": (["adamw"], torch.optim.AdamW, {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}),
     "radam": (["radam"], torch.optim.RAdam, {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.01}),
     "sgd-momentum": (
@@ -69,7 +71,7 @@ def test_onnxruntime_alone_follows_torch_optim(case: str, tmp_path: Path) -> Non
         data,
         param=initial.numpy(),
         grads=grads.numpy(),
-        **{f"hyper_{k}": np.float32(v) for k, v in _hypers(case, group).items()},  # type: ignore[arg-type]
+        **{f"hyper_{k}": np.float32(v) for k, v in _hypers(case, group).items()},
     )
     out = tmp_path / "out.npz"
     done = subprocess.run(
@@ -91,9 +93,24 @@ def test_onnxruntime_alone_follows_torch_optim(case: str, tmp_path: Path) -> Non
         worst = max(worst, float(error.max()))
         assert float(error.max()) <= 1e-5, f"step {t + 1}: worst relative error {float(error.max()):.3g}"
     if case == "radam":  # the 20 steps cross RAdam's rho_t > 5 switch
-        beta2 = group["betas"][1]  # type: ignore[index]
+        beta2 = group["betas"][1]
         rho_inf = 2 / (1 - beta2) - 1
         rho = [rho_inf - 2 * t * beta2**t / (1 - beta2**t) for t in range(1, STEPS + 1)]
         assert min(rho) <= 5 < max(rho)
     assert math.isfinite(worst)
     print(f"{case}: worst relative error against torch.optim over {STEPS} steps: {worst:.3g}")
+
+
+def test_the_readme_example_runs_on_onnxruntime_alone(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## ONNX export") :]
+    example = re.search(r"```python\n(import numpy as np\nimport onnxruntime as ort\n.*?)```", section, re.S)
+    assert example is not None, "the README's ONNX section has an onnxruntime example"
+    assert main(["export", "onnx", "adamw", "--output", str(tmp_path / "adamw.onnx")]) == 0
+    check = "\nassert float((p**2).sum()) < 0.5 * float((np.random.default_rng(0).normal(size=1000) ** 2).sum())\n"
+    check += "import sys; assert not any(m.split('.')[0] in ('portopt', 'torch') for m in sys.modules)\n"
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", example.group(1) + check],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
