@@ -1,8 +1,9 @@
 """ONNX's own optimizer ops, put under test: ``ai.onnx.preview.training`` Adam, Adagrad and Momentum.
 
-onnxruntime implements none of them (only the discontinued onnxruntime-training did); the
-reference evaluator of the ``onnx`` package (:class:`onnx.reference.ReferenceEvaluator`)
-does, in numpy, following the operators' documented pseudo code. Each class here is a
+onnxruntime implements none of them (its session refuses the model: "not a registered
+function/op"; its discontinued training build had optimizer ops of its own, com.microsoft's); the
+reference evaluator of the ``onnx`` package (:class:`onnx.reference.ReferenceEvaluator`) does, in
+numpy, following the operators' documented pseudo code. Each class here is a
 torch.optim-style optimizer that steps every parameter through a one-node ONNX model of the
 op, so the conformance suite runs it like any third-party optimizer::
 
