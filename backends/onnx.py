@@ -8,8 +8,9 @@ so any ONNX runtime can execute it::
     outputs  param_out, <state>_out ...
 
 ``param``, ``grad`` and the element-wise states share one shape of a chosen rank with
-dynamic dims (rank 1 by default: flatten a tensor to step it), per-tensor states are 0-d, ``step`` is the float32 scalar ``t`` of this update
-(1 at the first step) and every hyperparameter is a float32 scalar named as in the spec.
+dynamic dims (rank 1 by default: flatten a tensor to step it), per-tensor states are 0-d,
+``step`` is the float32 scalar ``t`` of this update (1 at the first step) and every
+hyperparameter is a float32 scalar named as in the spec.
 States start at their ``init`` values (:func:`init_to_onnx` writes that graph: inputs
 ``param``, ``grad`` and the hyperparameters, outputs ``<state>_init``). Each node of the
 spec's DAG is lowered once (a memoised, iterative walk), so the graph is linear in the
@@ -34,9 +35,9 @@ special values the lowering follows torch (the float64 reference's rules): ``sig
 empty tensor, as is ``mean``.
 
 **Versions.** The default target is opset :data:`DEFAULT_OPSET` with the smallest IR
-version that allows it (:data:`DEFAULT_OPSET` 17: IR 8, loadable by onnxruntime >= 1.13 and
-most other runtimes); any opset from :data:`MIN_OPSET` to the installed onnx's newest can be
-asked for. onnxruntime 1.32 loads up to IR 14 and ai.onnx opset 28 (onnx 1.23's own limits).
+version that allows it (opset 17, from onnx 1.12 of 2022: IR 8, well inside what runtimes
+load); any opset from :data:`MIN_OPSET` to the installed onnx's newest can be asked for. onnxruntime 1.32 loads up to IR 14 and ai.onnx opset 28 (onnx 1.23's own limits);
+onnxruntime 1.23.2, the last release for Python 3.10, up to IR 11 and opset 23.
 
 **The backend** (``backend="onnx"``, by name only) steps each tensor through an
 onnxruntime session of its spec's model, built once per (spec, dtypes, rank, device) and
@@ -609,6 +610,8 @@ def init_to_onnx(
     from onnx import helper
 
     target = _target(spec, dtype, types, rank, opset, scalar_dtype)
+    if not spec.states:
+        raise OnnxExportError(f"{spec.title} keeps no state: there are no initial values to write")
     inputs, outputs = interface_names(spec)
     graph = _Graph(_prefix([*inputs, *outputs, *(n + INIT_SUFFIX for n in spec.state_names)]), opset)
     types = target.types

@@ -71,6 +71,10 @@ def test_every_algorithm_is_a_valid_standard_model(name: str, options: dict[str,
     assert props["portopt.equations.latex"].startswith("%")
     node_names, _ = _names(model)
     assert all(NODE_NAME.fullmatch(n) for n in node_names)
+    if not spec.states:
+        with pytest.raises(OnnxExportError, match="keeps no state: there are no initial values to write"):
+            to_onnx(spec, init=True)
+        return
     init = to_onnx(spec, init=True)
     onnx.checker.check_model(init, full_check=True)
     assert [o.name for o in init.graph.output] == [f"{s}_init" for s in spec.state_names]
@@ -302,8 +306,8 @@ def test_export_cli_as_a_process(tmp_path: Path) -> None:
     assert [i.name for i in onnx.load(str(out)).graph.input][:3] == ["param", "grad", "momentum_buffer"]
 
 
-def test_no_node_uses_an_op_outside_the_default_domain_even_for_every_primitive() -> None:
-    """A spec that uses every primitive (and its rule's helpers) still exports to ai.onnx ops only."""
+def _every_primitive() -> Spec:
+    """A spec whose update uses every primitive of the spec language."""
     from portopt.spec import (
         col_mean,
         exp,
@@ -328,10 +332,35 @@ def test_no_node_uses_an_op_outside_the_default_domain_even_for_every_primitive(
         + tensor_sum(G) + tensor_mean(G) + norm(G) + max_abs(G) + row_mean(G) + col_mean(G)
     )  # fmt: skip
     cond = ((G < 0) | (G >= 1)) & ~(G <= 0.5) & ne(G, 0.25) & (G > -2)
-    spec = Spec("all", "all", (Hyperparameter("lr", 0.1),), (), (), P - hyper("lr") * where(cond, value, G / a))
-    model = to_onnx(spec, rank=2)
+    return Spec("all", "all", (Hyperparameter("lr", 0.1),), (), (), P - hyper("lr") * where(cond, value, G / a))
+
+
+def test_every_primitive_exports_to_standard_ops() -> None:
+    model = to_onnx(_every_primitive(), rank=2)
     used = {n.op_type for n in model.graph.node}
     assert {n.domain for n in model.graph.node} == {""}
     for op_type in ("ReduceSum", "ReduceL2", "ReduceMax", "ReduceMean", "IsNaN", "Where", "Not", "Or", "And"):
         assert op_type in used
     assert {op for op in Op if OP_INFO[op].family is not Family.LEAF} <= set(ONNX_RULES)
+
+
+@pytest.mark.skipif(ORT_REASON is not None, reason=ORT_REASON or "")
+@pytest.mark.parametrize("opset", [DEFAULT_OPSET, 18])  # 18: reduction axes become an input
+def test_every_primitive_computes_what_the_reference_computes(opset: int) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from portopt.backends.reference import build_reference_step
+
+    spec = _every_primitive()
+    session = ort.InferenceSession(
+        to_onnx(spec, rank=2, opset=opset).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    gen = torch.Generator().manual_seed(7)
+    param, grad = torch.randn(5, 6, generator=gen), torch.randn(5, 6, generator=gen) * 2
+    feeds = {"param": param.numpy(), "grad": grad.numpy(), "step": np.float32(1.0), "lr": np.float32(0.1)}
+    (got,) = session.run(None, {k: np.asarray(v) for k, v in feeds.items()})
+    expected = param.double()
+    build_reference_step(spec)([expected], [grad.double()], [{}], {"lr": float(np.float32(0.1))})
+    np.testing.assert_allclose(got, expected.numpy(), rtol=2e-5, atol=1e-6)
