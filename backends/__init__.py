@@ -1,7 +1,7 @@
 """Backends, imported as ``portopt.backends.<name>``; each registers itself on import.
 
 Importing this package registers the built-in backends ``reference`` and ``torch``;
-``torch_fused``, ``compiled``, ``npu`` and ``npu-contract`` register on first use.
+``torch_fused``, ``compiled``, ``onnx``, ``npu`` and ``npu-contract`` register on first use.
 Third-party backends register through the entry point group ``portopt.backends``: the
 entry point names a module (importing it registers), a
 :class:`~portopt.lowering.backend.Backend`, or a callable returning one. Entry points are
@@ -42,6 +42,7 @@ __all__ = [
 BUILTIN = (reference.REFERENCE.name, torch_generic.TORCH_GENERIC.name)
 OPTIONAL_BUILTIN = {
     "compiled": "portopt.backends.compiled",
+    "onnx": "portopt.backends.onnx",
     "torch_fused": "portopt.backends.torch_fused",
     "npu": "portopt.backends.npu",
     "npu-contract": "portopt.backends.npu",

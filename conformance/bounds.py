@@ -24,8 +24,9 @@ reductions            ``Σ ea + γ_n·Σ|a|`` with ``γ_n = u·(⌈log2 n⌉ + 1
 ====================  =========================================================
 
 Leaves: the parameter, the gradient, the states and the step counter are exact (they are
-the inputs, already in the storage format); hyperparameters and constants carry
-``u·|h|``, since a device may hold them as float32 scalars. So a step-only scalar such as
+the inputs, already in the storage format), and so are constants that float32 holds exactly
+(``1``, ``2``, ``0.5``); hyperparameters and other constants carry ``u·|h|``, since a device
+may hold them as float32 scalars. So a step-only scalar such as
 ``1 − β2^t`` gets the error of a float32 computation of it (relative ``~u/(1 − β2)``), which
 is what a capturable or fused kernel that computes it on the device in float32 actually
 incurs; host float64 scalars do better. The bound of the parameter update is therefore
@@ -145,8 +146,14 @@ class BoundEvaluator:
     def _leaf(self, node: Expr) -> Bounded:
         op = node.op
         zero = _ZERO if self.track_drift else None
-        if op is Op.CONST or op is Op.HYPER:
-            v = host_scalar(float(node.value or 0.0)) if op is Op.CONST else host_scalar(self.hypers[str(node.value)])
+        if op is Op.CONST:
+            v = host_scalar(float(node.value or 0.0))
+            # A constant that float32 holds exactly (1, 2, 0.5, ...) is exact on every device: comparing the
+            # step counter with it (SGD's where(t == 1, ...)) is certain, not within rounding of either branch.
+            exact = float(v.to(torch.float32)) == float(v)
+            return Bounded(v, _ZERO if exact else self.u * v.abs(), zero)
+        if op is Op.HYPER:
+            v = host_scalar(self.hypers[str(node.value)])
             return Bounded(v, self.u * v.abs(), zero)
         if op is Op.STEP:
             return Bounded.exact(host_scalar(self.step), zero)

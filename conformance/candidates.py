@@ -16,7 +16,8 @@ can compare it and re-sync it (lock-step).
   ``decoupled_weight_decay``, ``maximize``), and state names through ``state_names``
   (identity by default: the specs use torch.optim's names).
 * :class:`OptimizerFamily`: a module with one such class per algorithm (``torch.optim``,
-  ``portopt``), so ``--impl torch.optim`` covers every algorithm torch has.
+  ``portopt``, ``onnx.preview``: ONNX's preview-training ops), so ``--impl torch.optim`` covers
+  every algorithm torch has.
 * :class:`StepFunctionImplementation`: a callable ``build(spec) -> StepFunction`` (a fused
   kernel wrapped in the step-function contract).
 
@@ -454,7 +455,7 @@ class OptimizerFamily:
         """The adapter for ``algorithm``, or why there is none."""
         class_name = self.class_names.get(algorithm)
         try:
-            module = importlib.import_module(self.module)
+            module = importlib.import_module(MODULE_ALIASES.get(self.module, self.module))
         except ImportError as exc:
             return f"cannot import {self.module}: {exc}"
         cls = getattr(module, class_name, None) if class_name else None
@@ -477,7 +478,15 @@ class OptimizerFamily:
         return adapter.instantiate(setup)
 
 
-FAMILIES: dict[str, Mapping[str, str]] = {"torch.optim": TORCH_OPTIM_CLASSES, "portopt": PORTOPT_CLASSES}
+ONNX_PREVIEW_CLASSES: dict[str, str] = {"adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad", "sgd": "Momentum"}
+"""ONNX's preview-training ops (:mod:`portopt.conformance.onnx_preview`) for the algorithms they compute."""
+FAMILIES: dict[str, Mapping[str, str]] = {
+    "torch.optim": TORCH_OPTIM_CLASSES,
+    "portopt": PORTOPT_CLASSES,
+    "onnx.preview": ONNX_PREVIEW_CLASSES,
+}
+MODULE_ALIASES: dict[str, str] = {"onnx.preview": "portopt.conformance.onnx_preview"}
+"""Short module names accepted by ``--impl`` (``onnx.preview:Adam@adam``)."""
 
 
 def _parse_flags(text: str) -> dict[str, Any]:
@@ -515,7 +524,7 @@ def parse_implementation(text: str) -> Implementation:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r} in {text!r}; known: {', '.join(sorted(ALGORITHMS))}")
     try:
-        obj = getattr(importlib.import_module(module_name), target)
+        obj = getattr(importlib.import_module(MODULE_ALIASES.get(module_name, module_name)), target)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load {module_name}:{target}: {exc}") from None
     flags = _parse_flags(flag_text)

@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "portopt.cli_memory",
     "portopt.cli_doctor",
     "portopt.conformance.cli",
+    "portopt.cli_export",
 )
 """Modules that each define a ``COMMAND``, in the order ``portopt --help`` lists them."""
 
