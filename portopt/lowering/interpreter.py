@@ -42,7 +42,11 @@ class Bindings:
 
 
 class Evaluator:
-    """Memoised evaluation of a spec's expressions for one parameter and one step."""
+    """Memoised evaluation of a spec's expressions for one parameter and one step.
+
+    Iterative (an explicit stack, no recursion): a node is computed once, after the
+    operands it needs, so evaluation is linear in the distinct nodes whatever the depth.
+    """
 
     def __init__(self, spec: Spec, rules: Mapping[Op, Rule], bindings: Bindings) -> None:
         self.spec = spec
@@ -50,12 +54,33 @@ class Evaluator:
         self.bindings = bindings
         self.memo: dict[Expr, Tensor] = {}
 
-    def __call__(self, node: Expr) -> Tensor:
-        cached = self.memo.get(node)
-        if cached is None:
-            cached = self._compute(node)
-            self.memo[node] = cached
-        return cached
+    def __call__(self, root: Expr) -> Tensor:
+        memo = self.memo
+        pending: list[Expr] = [root]
+        while pending:
+            node = pending[-1]
+            if node in memo:
+                pending.pop()
+                continue
+            needed = [a for a in self._operands(node) if a not in memo]
+            if needed:
+                pending.extend(needed)
+                continue
+            memo[node] = self._compute(node)
+            pending.pop()
+        return memo[root]
+
+    def _host_condition(self, node: Expr) -> bool:
+        return node.op is Op.WHERE and self.spec.kind(node.args[0]).is_step_scalar
+
+    def _operands(self, node: Expr) -> tuple[Expr, ...]:
+        """The operands ``node`` needs now: a step-scalar ``where`` needs its condition, then one branch."""
+        if self._host_condition(node):
+            cond = node.args[0]
+            if cond not in self.memo:
+                return (cond,)
+            return (node.args[1] if bool(self.memo[cond]) else node.args[2],)
+        return node.args
 
     def _compute(self, node: Expr) -> Tensor:
         b = self.bindings
@@ -72,10 +97,9 @@ class Evaluator:
             return b.grad
         if op is Op.STATE:
             return b.states[str(node.value)]
-        if op is Op.WHERE and self.spec.kind(node.args[0]).is_step_scalar:
-            taken = node.args[1] if bool(self(node.args[0])) else node.args[2]
-            return self(taken)
-        return self.rules[op](*(self(a) for a in node.args))
+        if self._host_condition(node):
+            return self.memo[self._operands(node)[0]]
+        return self.rules[op](*(self.memo[a] for a in node.args))
 
 
 def evaluate_step(spec: Spec, rules: Mapping[Op, Rule], bindings: Bindings) -> tuple[dict[str, Tensor], Tensor]:
