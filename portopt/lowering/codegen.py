@@ -255,6 +255,28 @@ class GeneratedSourceError(RuntimeError):
     """The generated kernel source failed :func:`check_generated_source` (a bug in the generator)."""
 
 
+def kernel_size(spec: Spec) -> tuple[int, int]:
+    """``(lines, inlined)``: the computed nodes of ``spec``'s kernel, and how many a compiler that
+    inlines every element-wise value into its users would spell out for the largest root.
+
+    ``inlined`` counts a value once per use (``x + x`` counts ``x`` twice), so it measures the
+    tree a shared DAG unfolds to: Inductor inlines a value used twice by *one* node into it
+    twice, and ``x + x`` nested 16 deep takes minutes to compile (see
+    :data:`portopt.backends.compiled.MAX_INLINED`). Linear in the distinct nodes; the count
+    saturates at ``2**62``.
+    """
+    host = {n for n in walk(list(spec.roots)) if spec.kind(n).is_step_scalar}
+    size: dict[Expr, int] = {}
+    lines = 0
+    for node in walk(list(spec.roots)):
+        if node in host or not node.args:
+            size[node] = 0
+            continue
+        lines += 1
+        size[node] = min(1 + sum(size[a] for a in node.args), 2**62)
+    return lines, max((size[r] for r in spec.roots), default=0)
+
+
 def host_scalar_values(plan: KernelPlan, hypers: Mapping[str, float | Tensor], step: float) -> list[float]:
     """Values of ``s`` at step ``step``: each hoisted expression in float64 on the host.
 

@@ -8,7 +8,8 @@ dtype. A ``where`` whose condition is such a scalar evaluates only the branch ta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,13 @@ from torch import Tensor
 
 from portopt.lowering.torch_ops import Rule
 from portopt.spec.definition import Spec
-from portopt.spec.expr import Expr
+from portopt.spec.expr import Expr, walk
 from portopt.spec.ops import Op
 from portopt.spec.symbols import Layout, StateDecl
 
 HOST_SCALAR_DTYPE = torch.float64
+RELEASE_ABOVE = 256
+"""Specs with more nodes than this free intermediate values during evaluation (:class:`Evaluator`)."""
 
 
 def host_scalar(value: float | Tensor) -> Tensor:
@@ -46,13 +49,23 @@ class Evaluator:
 
     Iterative (an explicit stack, no recursion): a node is computed once, after the
     operands it needs, so evaluation is linear in the distinct nodes whatever the depth.
+    Given ``roots`` (every expression that will be asked for), a spec of more than
+    :data:`RELEASE_ABOVE` nodes drops a value once its last user is computed, so a long chain
+    holds a few tensors, not one per node.
     """
 
-    def __init__(self, spec: Spec, rules: Mapping[Op, Rule], bindings: Bindings) -> None:
+    def __init__(
+        self, spec: Spec, rules: Mapping[Op, Rule], bindings: Bindings, roots: Sequence[Expr] | None = None
+    ) -> None:
         self.spec = spec
         self.rules = rules
         self.bindings = bindings
         self.memo: dict[Expr, Tensor] = {}
+        release = roots is not None and len(spec.node_kinds) > RELEASE_ABOVE
+        self.pinned = set(roots) if roots is not None and release else None
+        self.users: Counter[Expr] = Counter()
+        if self.pinned is not None:
+            self.users.update(a for node in walk(list(self.pinned)) for a in set(node.args))
 
     def __call__(self, root: Expr) -> Tensor:
         memo = self.memo
@@ -68,7 +81,18 @@ class Evaluator:
                 continue
             memo[node] = self._compute(node)
             pending.pop()
+            if self.pinned is not None:
+                self._release(node)
         return memo[root]
+
+    def _release(self, node: Expr) -> None:
+        """Drop the operands whose last user ``node`` was (a branch not taken keeps its users)."""
+        assert self.pinned is not None
+        used = self._operands(node) if self._host_condition(node) else node.args
+        for operand in {*used, *(node.args[:1] if self._host_condition(node) else ())}:
+            self.users[operand] -= 1
+            if self.users[operand] == 0 and operand not in self.pinned:
+                self.memo.pop(operand, None)
 
     def _host_condition(self, node: Expr) -> bool:
         return node.op is Op.WHERE and self.spec.kind(node.args[0]).is_step_scalar
@@ -104,7 +128,7 @@ class Evaluator:
 
 def evaluate_step(spec: Spec, rules: Mapping[Op, Rule], bindings: Bindings) -> tuple[dict[str, Tensor], Tensor]:
     """New value of every state and of the parameter (nothing is written)."""
-    ev = Evaluator(spec, rules, bindings)
+    ev = Evaluator(spec, rules, bindings, spec.roots)
     new_states = {name: ev(expr) for name, expr in spec.updates}
     return new_states, ev(spec.param_update)
 

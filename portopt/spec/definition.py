@@ -93,6 +93,11 @@ class Spec:
         """Default value of every hyperparameter."""
         return {h.name: h.default for h in self.hyperparameters}
 
+    @property
+    def node_kinds(self) -> Mapping[Expr, NodeInfo]:
+        """Analysis of every node the step evaluates (one entry per distinct node)."""
+        return self._info
+
     def kind(self, node: Expr) -> Kind:
         """Analysis kind of a node of this spec (see :mod:`portopt.spec.analysis`)."""
         return self._info[node].kind

@@ -71,7 +71,9 @@ class Expr:
             return True
         if not isinstance(other, Expr):
             return NotImplemented
-        return structurally_equal(self, other)
+        if not _same_node(self, other):
+            return False
+        return not self.args or structurally_equal(self, other)
 
     def __ne__(self, other: object) -> bool:
         result = self.__eq__(other)
@@ -313,17 +315,22 @@ def structurally_equal(a: Expr, b: Expr) -> bool:
         pair = (id(x), id(y))
         if pair in known:
             continue
-        if (
-            x._hash != y._hash
-            or x.op is not y.op
-            or len(x.args) != len(y.args)
-            or (x.value is not y.value and x.value != y.value)
-            or x.label != y.label
-        ):
+        if not _same_node(x, y):
             return False
         known.add(pair)
         pending.extend(zip(x.args, y.args, strict=True))
     return True
+
+
+def _same_node(x: Expr, y: Expr) -> bool:
+    """Whether two nodes agree on everything but their operands' identity (cached hash first)."""
+    return (
+        x._hash == y._hash
+        and x.op is y.op
+        and len(x.args) == len(y.args)
+        and (x.value is y.value or x.value == y.value)
+        and x.label == y.label
+    )
 
 
 def walk(roots: tuple[Expr, ...] | list[Expr]) -> list[Expr]:

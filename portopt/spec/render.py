@@ -8,8 +8,9 @@ A rendering is one equation per line:
 * the parameter update ``p ← ...``, last.
 
 A large unlabelled subexpression used in several places (more than ``_SHARED_SIZE`` nodes
-spelled out) is printed once, as ``e1 = ...``, and referred to by that name, so the text
-grows with the number of distinct nodes, never with the tree a shared DAG unfolds to;
+spelled out), or a very large one (more than ``_LONG_SIZE``), is printed once, as
+``e1 = ...``, and referred to by that name, so the text grows with the number of distinct
+nodes, never with the tree a shared DAG unfolds to, and no equation is unreadably long;
 :func:`render_expr` and the header append such definitions (``..., where e1 = ...``).
 Rendering is iterative: a chain of any depth prints without recursion.
 
@@ -80,6 +81,8 @@ _Key = tuple[str, object]  # ("state", name) | ("label", node) | ("param", "") |
 _PARAM_KEY: _Key = ("param", "")
 _SHARED_SIZE = 40
 """A shared subexpression that would spell out more nodes than this gets a name of its own."""
+_LONG_SIZE = 120
+"""So does any subexpression that would spell out more nodes than this."""
 
 
 @dataclass(frozen=True)
@@ -438,7 +441,9 @@ def _shared_names(roots: Sequence[Expr], refs: Mapping[Expr, _Key]) -> dict[Expr
 
     A node used more than once whose text would spell out more than :data:`_SHARED_SIZE`
     nodes is named, so an equation never repeats a large shared subexpression: without it
-    ``x + x`` nested 30 deep would print 2^30 terms. Sizes count a reference as one node.
+    ``x + x`` nested 30 deep would print 2^30 terms. So is any node that would spell out more
+    than :data:`_LONG_SIZE`: an equation stays readable (and building its text stays linear)
+    however deep the expression. Sizes count a reference as one node.
     """
     order = walk(roots)
     uses = Counter(a for node in order for a in node.args)
@@ -450,7 +455,8 @@ def _shared_names(roots: Sequence[Expr], refs: Mapping[Expr, _Key]) -> dict[Expr
 
     for node in order:
         size[node] = 1 + sum(1 if cut(a) else size[a] for a in node.args)
-        if uses[node] > 1 and size[node] > _SHARED_SIZE and not cut(node):
+        large = size[node] > (_SHARED_SIZE if uses[node] > 1 else _LONG_SIZE)
+        if large and not cut(node) and uses[node] > 0:
             named[node] = ("auto", len(named) + 1)
     return named
 
