@@ -87,7 +87,9 @@ def _fail(field: str, message: str) -> GoldenError:
 
 
 def _show(value: Any) -> str:
-    text = ascii(value) if isinstance(value, str) else type(value).__name__
+    """A short, ASCII form of an untrusted value: strings and numbers as written, containers by their type."""
+    scalar = isinstance(value, (str, bool, int, float)) or value is None
+    text = ascii(value) if scalar else f"a {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
