@@ -36,7 +36,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -100,7 +100,7 @@ def _member_count(f: BinaryIO, size: int) -> int:
     return int(entries64)
 
 
-def _header(stream: BinaryIO, name: str) -> tuple[ArrayHeader, int]:
+def _header(stream: IO[bytes], name: str) -> tuple[ArrayHeader, int]:
     """The ``.npy`` header at the start of ``stream`` and its length in bytes."""
     try:
         version = np.lib.format.read_magic(stream)
@@ -173,7 +173,7 @@ def _read_archive(
     headers = {}
     for name, info in names.items():
         with archive.open(info) as stream:
-            header, length = _header(stream, name)  # type: ignore[arg-type]
+            header, length = _header(stream, name)
         check(name, header)
         if length >= 0 and length + _nbytes(header) != info.file_size:
             raise GoldenError(
@@ -184,7 +184,7 @@ def _read_archive(
     arrays = {}
     for name, info in names.items():
         with archive.open(info) as stream:
-            arrays[name] = np.lib.format.read_array(stream, allow_pickle=False)  # type: ignore[arg-type]
+            arrays[name] = np.lib.format.read_array(stream, allow_pickle=False)
     return manifest, arrays
 
 
@@ -199,11 +199,11 @@ def _manifest(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, Any]
     if info.file_size > MAX_MANIFEST_BYTES:
         raise GoldenError(f"its manifest declares {info.file_size} bytes; at most {MAX_MANIFEST_BYTES}")
     with archive.open(info) as stream:
-        header, _ = _header(stream, "manifest.json")  # type: ignore[arg-type]
+        header, _ = _header(stream, "manifest.json")
     if header.dtype != np.dtype(np.uint8) or len(header.shape) != 1:
         raise GoldenError(f"its manifest is a {header.dtype} array of shape {header.shape}, not bytes")
     with archive.open(info) as stream:
-        raw = np.lib.format.read_array(stream, allow_pickle=False)  # type: ignore[arg-type]
+        raw = np.lib.format.read_array(stream, allow_pickle=False)
     try:
         manifest = json.loads(raw.tobytes().decode("utf-8"), parse_int=_bounded_int)
     except RecursionError:

@@ -9,6 +9,8 @@ parameter outside the spike's blocks must equal, bit for bit, the run with no sp
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -37,7 +39,7 @@ COUPLED = ("lamb",)  # a per-tensor norm (the trust ratio) couples every element
 def _run(name: str, policy: str, dtype: torch.dtype, spike: float | None, steps: int = 3) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     param = torch.nn.Parameter(torch.randn(NUMEL, generator=gen).to(dtype))
-    kwargs = {"momentum": 0.9} if name == "sgd" else {}
+    kwargs: dict[str, Any] = {"momentum": 0.9} if name == "sgd" else {}
     opt = CLASSES[name]([param], lr=1e-3, precision=policy, **kwargs)
     for t in range(steps):
         grad = (torch.randn(NUMEL, generator=gen) * 1e-2).to(dtype)

@@ -213,7 +213,7 @@ def test_a_quoted_title_is_inert_on_the_compiled_backend(marker: Path) -> None:
 def dag_dict(levels: int) -> dict[str, Any]:
     """SGD whose gradient is ``x + x`` nested ``levels`` deep (a tree of 2^levels leaves, levels + 5 nodes)."""
     data = spec_to_dict(get_spec("sgd"))
-    nodes = [{"op": "grad"}]
+    nodes: list[dict[str, Any]] = [{"op": "grad"}]
     for _ in range(levels):
         nodes.append({"op": "add", "args": [len(nodes) - 1, len(nodes) - 1]})
     top = len(nodes) - 1
@@ -228,7 +228,7 @@ def dag_dict(levels: int) -> dict[str, Any]:
 def chain_dict(length: int) -> dict[str, Any]:
     """SGD whose gradient is ``g·1·1·…·1`` (``length`` multiplications): a chain ``length`` deep."""
     data = dag_dict(0)
-    nodes = [{"op": "grad"}, {"op": "const", "value": 1.0}]
+    nodes: list[dict[str, Any]] = [{"op": "grad"}, {"op": "const", "value": 1.0}]
     for _ in range(length):
         nodes.append({"op": "mul", "args": [len(nodes) - 1 if len(nodes) > 2 else 0, 1]})
     top = len(nodes) - 1
@@ -388,7 +388,7 @@ def test_any_mutation_of_a_valid_spec_gives_a_spec_or_a_spec_error(data: st.Data
     paths = _containers(spec_data)
     path = data.draw(st.sampled_from(paths[1:]))
     mutated = copy.deepcopy(spec_data)
-    parent = mutated
+    parent: Any = mutated
     for key in path[:-1]:
         parent = parent[key]
     action = data.draw(st.sampled_from(["replace", "delete", "add"]))

@@ -445,7 +445,7 @@ def _shared_names(roots: Sequence[Expr], refs: Mapping[Expr, _Key]) -> dict[Expr
     than :data:`_LONG_SIZE`: an equation stays readable (and building its text stays linear)
     however deep the expression. Sizes count a reference as one node.
     """
-    order = walk(roots)
+    order = walk(list(roots))
     uses = Counter(a for node in order for a in node.args)
     size: dict[Expr, int] = {}
     named: dict[Expr, _Key] = {}
@@ -513,8 +513,8 @@ def _schedule(table: dict[_Key, _Equation], natural: list[_Key]) -> list[_Equati
         while ready and readers[natural[ready[0]]] > 0:
             passed.append(heapq.heappop(ready))
         chosen = natural[heapq.heappop(ready) if ready else passed.pop(0)]
-        for r in passed:
-            heapq.heappush(ready, r)
+        for waiting_rank in passed:
+            heapq.heappush(ready, waiting_rank)
         ordered.append(table[chosen])
         for r in table[chosen].reads:
             if r != chosen:

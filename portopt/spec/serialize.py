@@ -333,7 +333,7 @@ def _hyper_in(item: Any, i: int) -> Hyperparameter:
         _field(c, "high_inclusive", bool, f"{where} constraint"),
     )
     group_key = _field(obj, "group_key", str, where)
-    group_index = _field(obj, "group_index", (int, type(None)), where)
+    group_index: int | None = _field(obj, "group_index", (int, type(None)), where)
     if group_index is not None and not 0 <= group_index <= MAX_GROUP_INDEX:
         raise _fail(where, f"group_index must be null or 0..{MAX_GROUP_INDEX}, got {group_index}")
     return Hyperparameter(
@@ -420,19 +420,15 @@ def spec_from_dict(data: Mapping[str, Any]) -> Spec:
         if not isinstance(ref, str):
             raise _fail(f"reference {i}", f"must be a string, got {_show(ref)}")
         check_text(ref, f"spec JSON: reference {i}")
-    fields = {
-        "name": _name(top, "name", "top level", dotted=True),
-        "title": _text(top, "title", "top level"),
-        "hyperparameters": tuple(_hyper_in(h, i) for i, h in enumerate(hypers)),
-        "states": tuple(_state_in(s, i, nodes) for i, s in enumerate(states)),
-        "updates": _updates_in(_list(top, "updates", "top level", MAX_DECLARATIONS), nodes),
-        "param_update": _node_ref(nodes, top.get("param_update"), "param_update"),
-        "options": tuple(_option_in(o, i) for i, o in enumerate(options)),
-        "references": tuple(references),
-        "notes": _text(top, "notes", "top level", multiline=True),
-    }
+    name, title = _name(top, "name", "top level", dotted=True), _text(top, "title", "top level")
+    declared = tuple(_hyper_in(h, i) for i, h in enumerate(hypers))
+    state_decls = tuple(_state_in(s, i, nodes) for i, s in enumerate(states))
+    updates = _updates_in(_list(top, "updates", "top level", MAX_DECLARATIONS), nodes)
+    param_update = _node_ref(nodes, top.get("param_update"), "param_update")
+    option_pairs = tuple(_option_in(o, i) for i, o in enumerate(options))
+    notes = _text(top, "notes", "top level", multiline=True)
     try:
-        return Spec(**fields)
+        return Spec(name, title, declared, state_decls, updates, param_update, option_pairs, tuple(references), notes)
     except SpecError as exc:
         raise _fail("the spec", str(exc)) from None
     except HyperparameterError as exc:  # a default outside its own range: still a malformed spec
