@@ -13,8 +13,9 @@ comment. Identifiers are made from indices (``st<i>`` is the i-th declared state
 the k-th computed value), ops are the fixed names ``op_<op>``, and the only values written
 out are finite float literals (``repr`` of a Python float: digits, ``.``, ``e``, signs).
 :func:`check_generated_source` verifies this grammar, line by line, before anything is
-compiled; :attr:`KernelPlan.describe` says what each ``s[k]`` and ``st<i>`` holds, for a
-reader, outside the source.
+compiled. What ``s[k]`` holds is ``KernelPlan.scalars[k]`` and ``st<i>`` is the i-th of
+``KernelPlan.state_args``; :func:`~portopt.spec.render.render_expr` prints either, outside
+the source.
 
 What the plan hoists out of the element loop: every maximal subexpression whose kind is
 ``SCALAR`` (it depends only on hyperparameters and ``t``: ``lr/(1 − β1^t)``,
@@ -63,7 +64,6 @@ from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, walk
 from portopt.spec.ops import OP_INFO, Family, Op
-from portopt.spec.render import render_expr
 from portopt.spec.symbols import Layout
 
 KernelFunction = Callable[..., None]
@@ -108,12 +108,6 @@ class KernelPlan:
     reductions: int
     function_name: str
     source: str
-
-    def describe(self) -> list[str]:
-        """What each argument of the generated function holds, for a reader (never part of the source)."""
-        lines = [f"s[{i}] = {render_expr(e, self.spec)}" for i, e in enumerate(self.scalars)]
-        lines += [f"st{i} = state {name!r}" for i, name in enumerate(self.state_args)]
-        return lines
 
     def make_function(self) -> KernelFunction:
         """A fresh function object with its own code object (dynamo caches per code object)."""
