@@ -33,6 +33,14 @@ this cuts the per-tensor overhead from about 40 us to about 10 us on a small CPU
 param group of at least :func:`auto_min_numel` elements on one device (compiling must pay
 for itself); ``PORTOPT_NO_COMPILE=1`` takes it out of ``"auto"`` (``unavailable_reason``).
 
+Size: Inductor's compile time grows with the kernel, and faster than linearly with a value
+that one op uses twice (it inlines ``x`` into ``x + x`` twice, so ``x + x`` nested 16 deep,
+a 2 KB spec, took 200 s). A spec whose kernel has more than :data:`MAX_KERNEL_NODES`
+computed nodes, or would unfold to more than :data:`MAX_INLINED` (see
+:func:`~portopt.lowering.codegen.kernel_size`), is not served (``unsupported_reason``):
+``"auto"`` takes the generic backend, and naming ``"compiled"`` raises with the reason. The
+library's largest spec has 34 nodes and unfolds to 54.
+
 Tensors the compiled graph does not take (fewer than 2 elements, non-contiguous, a
 factored dimension of 1, a device without a compiler) run the same generated function
 uncompiled: same arithmetic, same rounding, more memory traffic.
@@ -61,6 +69,7 @@ from portopt.lowering.codegen import (
     KernelFunction,
     KernelPlan,
     host_scalar_values,
+    kernel_size,
     opmath_dtype,
     plan_kernel,
     scalar_tensor,
@@ -74,6 +83,10 @@ DISABLE_VARIABLE = "PORTOPT_NO_COMPILE"
 """Set to 1 to take the compiled backend out of ``backend="auto"`` (e.g. on CI without a cache)."""
 MIN_NUMEL_VARIABLE = "PORTOPT_COMPILE_MIN_NUMEL"
 DEFAULT_MIN_NUMEL = 1 << 20
+MAX_KERNEL_NODES = 512
+"""Most computed nodes in a kernel this backend compiles (module doc: size)."""
+MAX_INLINED = 2048
+"""Most nodes a kernel may unfold to when every value is inlined into each of its uses."""
 # Scratch shapes for compiling a graph, then for checking it. Sizes are >= 2 (0 and 1
 # specialise) and distinct per axis (a recorded size maps to one axis); the compile shapes
 # are large because Inductor decides from the traced size whether a loop is worth
@@ -368,8 +381,30 @@ class CompiledStep:
         return graph, views
 
 
+def unsupported_reason(spec: Spec) -> str | None:
+    """``None`` if this backend compiles ``spec``'s kernel, else why not (too large: module doc)."""
+    lines, inlined = kernel_size(spec)
+    if lines > MAX_KERNEL_NODES:
+        return (
+            f"{spec.name}: its kernel has {lines} computed nodes; the compiled backend compiles at most "
+            f"{MAX_KERNEL_NODES} (compile time grows with the kernel); use backend='torch'"
+        )
+    if inlined > MAX_INLINED:
+        return (
+            f"{spec.name}: its kernel would unfold to {inlined} nodes when values are inlined into each use "
+            f"(shared subexpressions used twice by one op); the compiled backend compiles at most "
+            f"{MAX_INLINED}; use backend='torch'"
+        )
+    return None
+
+
 def build_compiled_step(spec: Spec) -> StepFunction:
-    """A step function running ``spec``'s generated kernel compiled by torch.compile."""
+    """A step function running ``spec``'s generated kernel compiled by torch.compile.
+
+    Raises ``ValueError`` for a spec too large to compile (:func:`unsupported_reason`)."""
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(reason)
     return CompiledStep(spec)
 
 
@@ -382,5 +417,6 @@ COMPILED = register_backend(
         unavailable_reason=_unavailable_reason,
         priority=20,
         min_auto_numel=auto_min_numel,
+        unsupported_reason=unsupported_reason,
     )
 )

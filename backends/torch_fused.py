@@ -40,7 +40,8 @@ else, or fail):
   vectorized loop (only the tail elements move) — capabilities come from a check, not a
   list, and come back by themselves when torch fixes it.
 
-A spec that matches no kernel is not served (``unsupported_reason``; ``backend="auto"``
+A spec of more than :data:`MAX_MATCH_NODES` nodes is not tested (the test's time grows with
+the spec; a 100,000-node chain equivalent to SGD took minutes). A spec that matches no kernel is not served (``unsupported_reason``; ``backend="auto"``
 passes over it, naming the backend raises). A call the matched kernel cannot take (mixed
 dtypes, strided tensors, a dtype its probe failed, ``momentum=0``) runs on the backend
 ``"auto"`` would choose below this one (``compiled`` for a large group, else ``torch``),
@@ -307,9 +308,16 @@ class Match:
     binding: Binding
 
 
+MAX_MATCH_NODES = 512
+"""Largest spec (distinct nodes) tested for equivalence with a kernel: the identity test costs time in
+proportion to the spec, and every kernel's spec is under 40 nodes (a spec from a file can hold 10,000)."""
+
+
 @functools.lru_cache(maxsize=128)
 def match_fused_kernel(spec: Spec) -> Match | None:
     """The fused kernel equivalent to ``spec``, or ``None`` (see :func:`no_match_reason`)."""
+    if len(spec.node_kinds) > MAX_MATCH_NODES:
+        return None
     for kernel in KERNELS:
         binding, _ = find_binding(spec, kernel.spec, NEUTRAL)
         if binding is not None:
@@ -321,6 +329,11 @@ def no_match_reason(spec: Spec) -> str | None:
     """``None`` if a fused kernel computes ``spec``, else why none does (closest attempts)."""
     if match_fused_kernel(spec) is not None:
         return None
+    if len(spec.node_kinds) > MAX_MATCH_NODES:
+        return (
+            f"no fused kernel is matched to {spec.name}: it has {len(spec.node_kinds)} nodes, more than the "
+            f"{MAX_MATCH_NODES} (MAX_MATCH_NODES) that the equivalence test takes"
+        )
     reasons = [(k.name, find_binding(spec, k.spec, NEUTRAL)[1]) for k in KERNELS]
     # Closest first: kernels that could be bound but compute something else.
     reasons.sort(key=lambda r: "differs" not in r[1])

@@ -14,6 +14,10 @@ its default implementation), ``torch.optim:fused=True``, ``portopt`` (the front-
 classes), or ``package.module:Name@algorithm[:flag=value,...]`` (a torch.optim-style class
 or a ``build(spec) -> StepFunction`` callable). The exit code is 0 when nothing failed
 (skips are listed with their reasons), 1 when a case failed or crashed, 2 for bad usage.
+A run that checked nothing is not a pass: the exit code is also 1, with a one-line reason,
+when every run was skipped, when nothing ran on a device named by ``--device`` (absent
+here), or when an implementation named by ``--impl`` or ``--backend`` ran nothing (an
+unknown flag such as ``--impl torch.optim:foo=bar``); ``--allow-skips`` accepts such runs.
 """
 
 from __future__ import annotations
@@ -83,6 +87,12 @@ def _add_selection(parser: argparse.ArgumentParser, suppress: bool = False) -> N
         default=argparse.SUPPRESS if suppress else False,
         help="skip the diagnosis of failures",
     )
+    parser.add_argument(
+        "--allow-skips",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="exit 0 even when nothing ran, a requested device is absent or a requested implementation ran nothing",
+    )
 
 
 def _add_case_set(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -140,17 +150,55 @@ def _cases(args: argparse.Namespace) -> list[Case]:
 
 
 def _implementations(args: argparse.Namespace) -> list[Implementation]:
+    """The implementations under test; those named on the command line are recorded in ``args.requested``
+    (``(flag, implementation name)``) for :func:`skip_failure`."""
     from portopt.conformance.candidates import parse_implementation
     from portopt.conformance.runner import backend_implementations
 
     impls: list[Implementation] = []
+    requested: list[tuple[str, str]] = []
     try:
         if args.backend or not args.impl:
-            impls += backend_implementations(args.backend)
-        impls += [parse_implementation(text) for text in args.impl or ()]
+            backends = backend_implementations(args.backend)
+            impls += backends
+            if args.backend:
+                requested += [(f"--backend {impl.name}", impl.name) for impl in backends]
+        for text in args.impl or ():
+            impl = parse_implementation(text)
+            impls.append(impl)
+            requested.append((f"--impl {text}", impl.name))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    args.requested = requested
     return impls
+
+
+def skip_failure(results: Sequence[RunResult], args: argparse.Namespace) -> str | None:
+    """Why a run without failures still checked too little to pass (module doc), or ``None``.
+
+    The golden file's own reference check does not count as a run of an implementation.
+    """
+    from portopt.conformance.golden import REFERENCE_NAME
+    from portopt.conformance.results import SKIP
+
+    if getattr(args, "allow_skips", False):
+        return None
+    runs = [r for r in results if r.implementation != REFERENCE_NAME]
+
+    def first_reason(rows: Sequence[RunResult]) -> str:
+        return next((r.reason for r in rows if r.reason), "no reason given")
+
+    for device in args.device or ():
+        on_device = [r for r in runs if r.device == device]
+        if on_device and not any(r.status != SKIP for r in on_device):
+            return f"nothing ran on device {device!r}: {first_reason(on_device)}"
+    for flag, name in getattr(args, "requested", ()):
+        mine = [r for r in runs if r.implementation == name]
+        if mine and not any(r.status != SKIP for r in mine):
+            return f"{flag} ran nothing: {first_reason(mine)}"
+    if not any(r.status != SKIP for r in runs):
+        return f"nothing ran: all {len(runs)} run(s) were skipped ({first_reason(runs)})"
+    return None
 
 
 def _precisions(args: argparse.Namespace) -> list[Precision]:
@@ -192,7 +240,7 @@ def _finish(results: list[RunResult], args: argparse.Namespace, started: float, 
     from rich.console import Console
 
     from portopt.conformance.report import terminal_report, write_reports
-    from portopt.conformance.results import ERROR, FAIL, PASS
+    from portopt.conformance.results import ERROR, FAIL
 
     console = Console()
     terminal_report(results, console)
@@ -201,9 +249,13 @@ def _finish(results: list[RunResult], args: argparse.Namespace, started: float, 
     if args.report_dir:
         paths = write_reports(results, args.report_dir, {**meta, "wall_seconds": round(elapsed, 1)})
         console.print("reports: " + ", ".join(str(p) for p in paths))
-    if not any(r.status == PASS for r in results) and not any(r.status in (FAIL, ERROR) for r in results):
-        console.print("[yellow]nothing ran: every combination was skipped[/yellow]")
-    return EXIT_FAILED if any(r.status in (FAIL, ERROR) for r in results) else EXIT_OK
+    if any(r.status in (FAIL, ERROR) for r in results):
+        return EXIT_FAILED
+    too_little = skip_failure(results, args)
+    if too_little is not None:
+        print(f"portopt conformance: error: {too_little} (pass --allow-skips to accept this)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -307,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
         ("case", None),
         ("no_drift", False),
         ("no_diagnose", False),
+        ("allow_skips", False),
     ):
         if not hasattr(args, name):
             setattr(args, name, default)

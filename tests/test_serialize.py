@@ -262,8 +262,14 @@ def _extend(children: st.SearchStrategy[Expr]) -> st.SearchStrategy[Expr]:
         st.builds(lambda cond, x, y: Expr(Op.WHERE, (cond, x, y)), logic, children, children),
         # x·g is element-wise whatever x is, so every reduction is legal.
         st.builds(lambda op, x: Expr(op, (x * G,)), st.sampled_from(_REDUCE), children),
-        st.builds(lambda x, text, latex: x.named(text, latex), children, st.text(max_size=4), st.text(max_size=4)),
+        st.builds(lambda x, text, latex: x.named(text, latex), children, _LABEL_TEXT, _LABEL_LATEX),
     )
+
+
+# Any printable text (portopt.spec.limits refuses control, format and line-separator characters);
+# LaTeX from characters that need no command.
+_LABEL_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")), max_size=4)
+_LABEL_LATEX = st.text(alphabet="abxyz019 _'()+-=<>", max_size=4)
 
 
 EXPRESSIONS = st.recursive(_LEAVES, _extend, max_leaves=16)

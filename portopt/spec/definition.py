@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from portopt.spec.analysis import LAYOUT_KIND, Kind, NodeInfo, classify
 from portopt.spec.errors import SpecError
 from portopt.spec.expr import Expr, G, substitute, walk
+from portopt.spec.limits import check_spec_strings
 from portopt.spec.ops import Op
 from portopt.spec.symbols import Hyperparameter, Layout, StateDecl
 
@@ -92,6 +93,11 @@ class Spec:
         """Default value of every hyperparameter."""
         return {h.name: h.default for h in self.hyperparameters}
 
+    @property
+    def node_kinds(self) -> Mapping[Expr, NodeInfo]:
+        """Analysis of every node the step evaluates (one entry per distinct node)."""
+        return self._info
+
     def kind(self, node: Expr) -> Kind:
         """Analysis kind of a node of this spec (see :mod:`portopt.spec.analysis`)."""
         return self._info[node].kind
@@ -123,6 +129,7 @@ class Spec:
 
 def _validate(spec: Spec) -> dict[Expr, NodeInfo]:
     name = spec.name
+    check_spec_strings(spec)
     hyper_names = _unique([h.name for h in spec.hyperparameters], name, "hyperparameter")
     state_names = _unique([s.name for s in spec.states], name, "state")
     for reserved in RESERVED_STATE_NAMES & state_names:

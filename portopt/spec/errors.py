@@ -9,3 +9,11 @@ class SpecError(ValueError):
 
 class HyperparameterError(ValueError):
     """A hyperparameter value violates its declared constraint."""
+
+
+class InvalidDefaultError(SpecError, HyperparameterError):
+    """A loaded spec declares a hyperparameter whose default violates its own constraint.
+
+    A :class:`SpecError` (the loader raises nothing else) and a :class:`HyperparameterError`
+    (what is wrong is a hyperparameter value).
+    """

@@ -37,28 +37,60 @@ class Label:
     latex: str
 
 
-@dataclass(frozen=True, eq=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Expr:
     """One node of an expression DAG.
 
     ``value`` holds the number of a ``CONST`` and the name of a ``HYPER`` or ``STATE``;
     ``label`` optionally names the node for rendering and has no effect on its value.
+
+    Equality is structural and hashing is cached per node, both without recursion: ``a == b``
+    compares each pair of nodes once (:func:`structurally_equal`), so a DAG that shares
+    nodes (``x + x`` nested 30 deep) compares in time linear in its distinct nodes, not in
+    the size of the tree it unfolds to.
     """
 
     op: Op
     args: tuple[Expr, ...] = ()
     value: float | str | None = None
     label: Label | None = None
-    _hash: int = field(default=0, init=False, repr=False, compare=False)
+    _hash: int = field(default=0, init=False, compare=False)
 
     def __post_init__(self) -> None:
         info = OP_INFO[self.op]
         if len(self.args) != info.arity:
             raise SpecError(f"op {self.op.value!r} takes {info.arity} operand(s), got {len(self.args)}")
+        # Operands carry their own cached hash: hashing a node costs O(arity), never a walk.
         object.__setattr__(self, "_hash", hash((self.op, self.args, self.value, self.label)))
 
     def __hash__(self) -> int:
         return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Expr):
+            return NotImplemented
+        if not _same_node(self, other):
+            return False
+        return not self.args or structurally_equal(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def __repr__(self) -> str:
+        # Bounded: one level of operands, whatever the depth or sharing below.
+        def head(node: Expr) -> str:
+            parts = [node.op.name]
+            if node.value is not None:
+                parts.append(f"value={node.value!r}")
+            if node.label is not None:
+                parts.append(f"label={node.label.text!r}")
+            return " ".join(parts)
+
+        inner = ", ".join(f"<{head(a)}>" for a in self.args)
+        return f"Expr({head(self)}{', args=(' + inner + ')' if self.args else ''})"
 
     def __bool__(self) -> bool:
         raise SpecError(
@@ -266,6 +298,39 @@ def row_mean(x: ExprLike) -> Expr:
 def col_mean(x: ExprLike) -> Expr:
     """Mean over the second-to-last axis, kept as a size-1 axis: a (..., 1, cols) factor."""
     return _unary(Op.COL_MEAN, x)
+
+
+def structurally_equal(a: Expr, b: Expr) -> bool:
+    """Whether ``a`` and ``b`` are the same expression (ops, values, labels, operands), iteratively.
+
+    Each pair of nodes is compared once (pairs already known equal are remembered), and
+    cached hashes reject most differing pairs at once.
+    """
+    known: set[tuple[int, int]] = set()
+    pending = [(a, b)]
+    while pending:
+        x, y = pending.pop()
+        if x is y:
+            continue
+        pair = (id(x), id(y))
+        if pair in known:
+            continue
+        if not _same_node(x, y):
+            return False
+        known.add(pair)
+        pending.extend(zip(x.args, y.args, strict=True))
+    return True
+
+
+def _same_node(x: Expr, y: Expr) -> bool:
+    """Whether two nodes agree on everything but their operands' identity (cached hash first)."""
+    return (
+        x._hash == y._hash
+        and x.op is y.op
+        and len(x.args) == len(y.args)
+        and (x.value is y.value or x.value == y.value)
+        and x.label == y.label
+    )
 
 
 def walk(roots: tuple[Expr, ...] | list[Expr]) -> list[Expr]:
