@@ -171,12 +171,13 @@ def test_without_onnxruntime_the_backend_says_why(monkeypatch: pytest.MonkeyPatc
         onnx_backend.onnxruntime_unavailable_reason.cache_clear()
 
 
-def test_a_spec_it_cannot_name_is_refused_with_the_reason() -> None:
+def test_a_spec_it_cannot_lower_is_refused_with_the_reason() -> None:
+    """Interface names that would clash in the graph: the backend declines with the reason, never builds."""
     from portopt.spec import G, Hyperparameter, P, Spec, hyper
 
-    spec = Spec("odd", "odd", (Hyperparameter("learning rate", 0.1),), (), (), P - hyper("learning rate") * G)
+    spec = Spec("odd", "odd", (Hyperparameter("param_out", 0.1),), (), (), P - hyper("param_out") * G)
     reason = named_backend("onnx").unsupported_reason(spec)
     assert reason is not None
-    assert "hyperparameter name 'learning rate' cannot name an ONNX input" in reason
-    with pytest.raises(ValueError, match="cannot name an ONNX input"):
+    assert "would use the name 'param_out' twice" in reason
+    with pytest.raises(ValueError, match="would use the name 'param_out' twice"):
         onnx_backend.build_onnx_step(spec)
