@@ -9,3 +9,8 @@ class SpecError(ValueError):
 
 class HyperparameterError(ValueError):
     """A hyperparameter value violates its declared constraint."""
+
+
+class HyperparameterOverflowError(HyperparameterError, OverflowError):
+    """A hyperparameter value too large for a float (``lr=10**400``): a ValueError naming the
+    hyperparameter, and the OverflowError that converting it would raise."""
