@@ -134,6 +134,19 @@ def test_fused_true_without_a_torch_kernel_takes_the_compiled_one_pass_kernel() 
     assert portopt.Optimizer([param], "adamw", fused=True).chosen_backends() == [{"cpu": "torch_fused"}]
 
 
+def test_fused_true_where_no_fused_implementation_runs_raises_a_runtime_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch raises RuntimeError where its fused kernels cannot run; so does portopt where neither a torch kernel
+    nor a compiled one-pass kernel can (here: compiling switched off, an algorithm torch has no kernel for)."""
+    monkeypatch.setenv("PORTOPT_NO_COMPILE", "1")
+    param = nn.Parameter(torch.ones(4))
+    opt = portopt.Optimizer([param], "lion", fused=True)
+    param.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="fused=True: no fused implementation of Lion runs here"):
+        opt.step()
+    assert torch.equal(param.detach(), torch.ones(4))
+    assert not opt.state
+
+
 @pytest.mark.parametrize(
     ("backend", "flags", "message"),
     [

@@ -10,7 +10,9 @@ is still of torch's type.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -238,3 +240,12 @@ def test_deepcopy_keeps_last_step_skipped_and_every_public_attribute() -> None:
     clone.param_groups[0]["params"][0].grad = torch.ones(3)
     clone.step()
     assert clone.last_step_skipped is False
+
+
+def test_the_readme_python_examples_run() -> None:
+    """The README's examples (the GradScaler one included) run as written."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})

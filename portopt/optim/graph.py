@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from portopt.lowering.backend import ParamState
-from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.graph_step import GraphStep
 from portopt.optim import amp, complex_params
 from portopt.optim.groups import check_group_values, group_hypers
@@ -92,6 +91,7 @@ def traced_step(optimizer: Optimizer) -> None:
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         _eager_step(optimizer)
         return
+    optimizer.last_step_skipped = False  # an eager group (skip_nonfinite) may set it
     for index, group in enumerate(optimizer.param_groups):
         params: list[Tensor] = []
         grads: list[Tensor] = []
@@ -102,7 +102,6 @@ def traced_step(optimizer: Optimizer) -> None:
             _eager_group(optimizer, index)
         elif handle != NO_GRADS:
             optimizer._graph_runs[handle](group, params, grads, steps, states)
-    optimizer.last_step_skipped = False
 
 
 @torch._dynamo.disable
@@ -112,7 +111,7 @@ def _eager_step(optimizer: Optimizer) -> None:
 
 @torch._dynamo.disable
 def _eager_group(optimizer: Optimizer, index: int) -> None:
-    optimizer._eager_group_step(index)
+    optimizer._eager_step(only=index)
 
 
 def init_group(
@@ -157,7 +156,6 @@ def init_group(
     if any(p.is_complex() for p in stepped):
         complex_params.check(spec, policy, index)
         views, grad_views, view_states, restore = complex_params.real_views(stepped, param_grads, own)
-    check_step_inputs(spec, views, grad_views, view_states, hypers)
     graph_step.prepare(views, grad_views, view_states, hypers, device_steps=bool(group.get("capturable", False)))
     if restore is not None:
         restore()

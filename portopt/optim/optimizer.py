@@ -183,6 +183,7 @@ class Optimizer(torch.optim.Optimizer):
         self._auto_thresholds: set[int] | None = None
         self._graph_runs: dict[int, graph.GraphRun] = {}
         self._graph_steps: dict[tuple[Any, ...], GraphStep] = {}
+        self._fused_types: list[str] | None = None
 
     def base_spec(self, group: Mapping[str, Any]) -> Spec:
         """The spec of a param group before ``maximize`` (named classes choose it by options)."""
@@ -261,17 +262,23 @@ class Optimizer(torch.optim.Optimizer):
                 self._eager_step()
         return loss
 
-    def _eager_step(self) -> None:
-        work: list[amp.GroupStep] = []
+    def _eager_step(self, only: int | None = None) -> None:
+        """The step of every group (or of group ``only``: under torch.compile, a group the traced step
+        cannot take), all checked before any is written."""
+        work: list[tuple[int, amp.GroupStep]] = []
         offset = 0
         for index, group in enumerate(self.param_groups):
-            work.append(self._prepare(group, index, offset))
+            if only is None or index == only:
+                work.append((index, self._prepare(group, index, offset)))
             offset += len(group["params"])
         scaling = LossScaling.of(self)
-        self.last_step_skipped = amp.should_skip(work, scaling)
-        if self.last_step_skipped:
+        skipped = amp.should_skip([item for _, item in work], scaling)
+        if only is None or skipped:
+            self.last_step_skipped = skipped
+        if skipped:
             return
-        for index, (group, item) in enumerate(zip(self.param_groups, work, strict=True)):
+        for index, item in work:
+            group = self.param_groups[index]
             if self._policies.get(index) is not item.policy:  # first step, or the group's policy changed
                 amp.drop_stale_masters(item.policy, [self.state.get(p) for p in group["params"]], group["params"])
                 self._policies[index] = item.policy
@@ -283,15 +290,6 @@ class Optimizer(torch.optim.Optimizer):
                 finish()
             for param, state in item.fresh:
                 self.state[param] = state
-
-    def _eager_group_step(self, index: int) -> None:
-        """One group's step, eagerly (under torch.compile: what the traced step cannot take)."""
-        item = self._prepare(self.param_groups[index], index, sum(len(g["params"]) for g in self.param_groups[:index]))
-        item.run_plain()
-        for finish in item.after:
-            finish()
-        for param, state in item.fresh:
-            self.state[param] = state
 
     @torch._dynamo.disable
     def _init_group(
@@ -346,7 +344,10 @@ class Optimizer(torch.optim.Optimizer):
             where = sparse.Where(
                 type(self).__name__, self.sparse_gradients, self.sparse_hint, self.dense_gradients, index
             )
-            params, grads, states, after = sparse.take(where, spec, group, hypers, params, grads, states, mode, policy)
+            params, grads, states, scatter = sparse.take(
+                where, spec, group, hypers, params, grads, states, mode, policy
+            )
+            after.extend(scatter)
         elif any(p.is_complex() for p in params):
             complex_params.check(spec, policy, index)
             params, grads, states, restore = complex_params.real_views(params, grads, states)
@@ -371,10 +372,14 @@ class Optimizer(torch.optim.Optimizer):
         return mode
 
     def _fused_device_types(self) -> list[str]:
-        """The device types a fused implementation of this optimizer's backend choice runs on here."""
-        if self.backend != "auto":
-            return list(backends.named_backend(self.backend).device_types)
-        return sorted({t for b in backends.usable_backends() if b.torch_flag == "fused" for t in b.device_types})
+        """The device types a fused implementation of this optimizer's backend choice runs on here (read once)."""
+        if self._fused_types is None:
+            if self.backend != "auto":
+                self._fused_types = list(backends.named_backend(self.backend).device_types)
+            else:
+                usable = backends.usable_backends()
+                self._fused_types = sorted({t for b in usable if b.torch_flag == "fused" for t in b.device_types})
+        return self._fused_types
 
     def _step_function(
         self,

@@ -3,27 +3,26 @@
 torch.optim lets a user pin how a step is computed; portopt honours the same flags (they live
 in the param group, as in torch, so checkpoints keep torch's layout):
 
-==========================  ==================================================================
-flag                        portopt runs
-==========================  ==================================================================
-``foreach=None, fused=None`` ``backend=`` (``"auto"``: the best usable backend, see
-                            :func:`portopt.backends.select_backend`)
-``fused=True``              a fused implementation (:attr:`Backend.torch_flag
-                            <portopt.lowering.backend.Backend.torch_flag>` ``"fused"``): torch's
-                            fused kernel where one is proven equivalent (``torch_fused``), else
-                            the spec's compiled one-pass kernel (``compiled``); torch's
-                            ``RuntimeError`` for a parameter no fused implementation takes
-``foreach=True``            the foreach lowering (``torch``): one ``torch._foreach_*`` call per
-                            instruction over all tensors of a bucket
-``foreach=False`` or        a per-tensor loop in torch.optim's single-tensor op order
-``fused=False``             (``Backend.build_per_tensor``): one tensor's temporaries at a time
-``capturable=True``         the step as device ops (:class:`~portopt.lowering.graph_step.GraphStep`),
-                            ``step`` on the parameter's device: no host synchronisation, so a
-                            CUDA graph can capture it; on a device that cannot capture, torch's
-                            error at the step
-``differentiable=True``     the same graph step with autograd on: gradients flow through the
-                            update to the parameters, the states and tensor hyperparameters
-==========================  ==================================================================
+* ``foreach=None, fused=None``: ``backend=`` decides (``"auto"``: the best usable backend, see
+  :func:`portopt.backends.select_backend`);
+* ``fused=True``: a fused implementation (:attr:`Backend.torch_flag
+  <portopt.lowering.backend.Backend.torch_flag>` ``"fused"``): torch's fused kernel where one is
+  proven equivalent (``torch_fused``), else the spec's compiled one-pass kernel (``compiled``);
+  torch's ``RuntimeError`` for a parameter no fused implementation takes;
+* ``foreach=True``: the foreach lowering (``torch``): one ``torch._foreach_*`` call per
+  instruction over all tensors of a bucket;
+* ``foreach=False`` or ``fused=False``: a per-tensor loop in torch.optim's single-tensor op order
+  (``Backend.build_per_tensor``): one tensor's temporaries at a time (a group with a precision
+  policy that stores states unlike torch runs the foreach program of ``build_with_policy``);
+* ``capturable=True``: the step as device ops (:class:`~portopt.lowering.graph_step.GraphStep`),
+  ``step`` on the parameter's device: no host synchronisation, so a CUDA graph can capture it; on a
+  device that cannot capture, torch's error at the step;
+* ``differentiable=True``: the same graph step with autograd on: gradients flow through the update
+  to the parameters, the states and tensor hyperparameters.
+
+Where several are set, ``differentiable`` decides first, then ``fused``, ``capturable`` and
+``foreach`` (torch's fused kernels take ``capturable`` as well: ``fused=True, capturable=True``
+on the CPU runs the fused kernel, as in torch).
 
 ``backend=`` stays the explicit choice: a named backend that cannot run what a flag asks for
 (``backend="torch", fused=True``; ``backend="torch_fused", foreach=False``) is a ``ValueError``
