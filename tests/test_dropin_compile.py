@@ -249,6 +249,35 @@ def test_aot_autograd_functionalizes_the_traced_step(name: str, kwargs: dict[str
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_complex_params_in_a_compiled_step() -> None:
+    """The traced step views complex parameters as real, as the eager one; states stay complex."""
+    results = []
+    for compiled in (True, False):
+        torch._dynamo.reset()
+        gen = torch.Generator().manual_seed(0)
+        weight = nn.Parameter(torch.randn(4, 3, dtype=torch.complex64, generator=gen))
+        bias = nn.Parameter(torch.randn(3, generator=gen))
+        opt = portopt.Adam([weight, bias], lr=torch.tensor(0.01))
+        x = torch.randn(5, 4, dtype=torch.complex64, generator=gen)
+
+        def train_step(x: torch.Tensor = x, w: nn.Parameter = weight, b: nn.Parameter = bias, o: Any = opt) -> None:
+            ((x @ w).abs() + b).sum().backward()
+            o.step()
+            o.zero_grad()
+
+        run = torch.compile(train_step, backend="eager") if compiled else train_step
+        run()
+        torch.compiler.set_stance("fail_on_recompile" if compiled else "default")
+        for _ in range(4):
+            run()
+        torch.compiler.set_stance("default")
+        assert opt.state[weight]["exp_avg"].dtype == torch.complex64
+        results.append((weight.detach().clone(), bias.detach().clone()))
+    (w1, b1), (w2, b2) = results
+    torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b1, b2, rtol=1e-6, atol=1e-7)
+
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")),
