@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "named_backend",
     "package_reason",
     "select_backend",
+    "usable_backends",
 ]
 
 BUILTIN = (reference.REFERENCE.name, torch_generic.TORCH_GENERIC.name)
@@ -170,15 +172,22 @@ def available() -> list[BackendStatus]:
 
 
 def select_backend(
-    device: torch.device | str, name: str = "auto", spec: Spec | None = None, numel: int | None = None
+    device: torch.device | str,
+    name: str = "auto",
+    spec: Spec | None = None,
+    numel: int | None = None,
+    *,
+    accept: Callable[[Backend], bool] | None = None,
 ) -> Backend:
     """The backend to step ``spec`` on ``device``: ``name``, or the best usable one for ``"auto"``.
 
     ``"auto"`` takes the usable backend of highest priority (``auto_select``) that runs on the
     device, lowers ``spec`` (when given) and whose ``min_auto_numel`` the group's ``numel``
     reaches (when given): a torch fused kernel where one is proven equivalent, the compiled
-    kernel for groups large enough to repay compiling, else the generic torch backend. A named
-    backend that cannot run here or does not lower ``spec`` raises ``ValueError`` saying why.
+    kernel for groups large enough to repay compiling, else the generic torch backend. With
+    ``accept``, only backends it accepts are considered (the implementation a torch flag asks
+    for: ``fused=True``, ``foreach=False``, ...). A named backend that cannot run here or does
+    not lower ``spec`` raises ``ValueError`` saying why.
     """
     device_type = torch.device(device).type
     if name != "auto":
@@ -194,13 +203,19 @@ def select_backend(
             raise ValueError(f"backend {name!r} is not usable here: {reason}")
         return backend
     _load_all()
-    chosen = auto_choice(device_type, spec, numel)
+    chosen = auto_choice(device_type, spec, numel, accept=accept)
     if chosen is None:
+        what = "no usable backend" if accept is None else "no usable backend of the kind asked for"
         raise ValueError(
-            f"no usable backend runs on {device_type} tensors; "
-            + "; ".join(f"{r.name}: {r.reason}" for r in available())
+            f"{what} runs on {device_type} tensors; " + "; ".join(f"{r.name}: {r.reason}" for r in available())
         )
     return chosen
+
+
+def usable_backends() -> list[Backend]:
+    """Every registered backend that can run here (its package and a device of its types present)."""
+    _load_all()
+    return [b for b in registered_backends().values() if _backend_reason(b) is None]
 
 
 def named_backend(name: str) -> Backend:
@@ -222,15 +237,25 @@ def auto_thresholds() -> set[int]:
 
 
 def auto_choice(
-    device_type: str, spec: Spec | None = None, numel: int | None = None, below_priority: int | None = None
+    device_type: str,
+    spec: Spec | None = None,
+    numel: int | None = None,
+    below_priority: int | None = None,
+    *,
+    accept: Callable[[Backend], bool] | None = None,
 ) -> Backend | None:
     """The backend ``"auto"`` chooses for ``spec`` on ``device_type``, or ``None``.
 
     ``below_priority`` considers only backends of lower priority (a backend handing on a call
-    it cannot take). Backends are tried best first and the costlier checks (a compiler's
-    import, a kernel's equivalence proof) run only for those that get that far."""
+    it cannot take); ``accept`` only backends it accepts. Backends are tried best first and the
+    costlier checks (a compiler's import, a kernel's equivalence proof) run only for those that
+    get that far."""
     ranked = sorted(
-        (b for b in registered_backends().values() if b.auto_select and device_type in b.device_types),
+        (
+            b
+            for b in registered_backends().values()
+            if b.auto_select and device_type in b.device_types and (accept is None or accept(b))
+        ),
         key=lambda b: (b.priority, b.name),
         reverse=True,
     )

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from portopt.backends.torch_generic import TorchStep
+from portopt.backends.torch_generic import TorchStep, build_graph_step
 from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.codegen import (
@@ -320,10 +320,7 @@ class CompiledStep:
     ) -> None:
         check_step_inputs(self.spec, params, grads, states, hypers)
         with torch.no_grad():
-            # Inside an outer torch.compile (a compiled training step), run the generated code
-            # as plain torch ops and let the outer compiler fuse it.
-            eager = torch.compiler.is_compiling()
-            items = [self._prepare(p, g, s, hypers, eager) for p, g, s in zip(params, grads, states, strict=True)]
+            items = [self._prepare(p, g, s, hypers) for p, g, s in zip(params, grads, states, strict=True)]
             scalars: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}
             host: dict[float, list[float]] = {}
             for item in items:
@@ -344,12 +341,12 @@ class CompiledStep:
                     item.state.update(item.new_state)
             torch._foreach_add_([item.state["step"] for item in items], 1.0)
 
-    def _prepare(self, param: Tensor, grad: Tensor, state: ParamState, hypers: Hypers, eager: bool) -> _Item:
+    def _prepare(self, param: Tensor, grad: Tensor, state: ParamState, hypers: Hypers) -> _Item:
         p, g = param.detach(), grad.detach()
         new_state = None if state else self._initial.initial_state(p, g, hypers)
         current = new_state if new_state is not None else state
         tensors = [current[n] for n in self.spec.state_names]
-        graph, args = (None, []) if eager else self._graph_for(p, g, tensors)
+        graph, args = self._graph_for(p, g, tensors)
         return _Item(p, g, state, new_state, tensors, float(current["step"]) + 1.0, graph, args)
 
     def _graph_for(self, p: Tensor, g: Tensor, states: list[Tensor]) -> tuple[CompiledGraph | None, list[Tensor]]:
@@ -418,5 +415,7 @@ COMPILED = register_backend(
         priority=20,
         min_auto_numel=auto_min_numel,
         unsupported_reason=unsupported_reason,
+        build_graph=build_graph_step,
+        torch_flag="fused",
     )
 )

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from portopt.backends.torch_generic import TorchStep
+from portopt.backends.torch_generic import TorchStep, build_graph_step
 from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.equivalence import Binding, find_binding, sample_hyperparameters
@@ -509,5 +509,7 @@ TORCH_FUSED = register_backend(
         build=build_fused_step,
         priority=PRIORITY,
         unsupported_reason=no_match_reason,
+        build_graph=build_graph_step,
+        torch_flag="fused",
     )
 )

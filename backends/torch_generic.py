@@ -24,6 +24,12 @@ npu, mps, ... with nothing device-specific. A step over one param group:
 On the CPU this issues torch.optim's own calls for SGD, Adam, AdamW, Adagrad, RMSprop and
 Adamax, and the results are bit-identical to torch.optim's default implementation.
 
+``foreach=False`` (:func:`build_per_tensor_step`): every parameter is its own bucket and every
+instruction a single-tensor call (``lerp_``, ``addcdiv_``, ``torch.mul(..., out=)``), so a step
+holds the temporaries of one tensor at a time, in torch.optim's single-tensor op order.
+Under ``torch.compile``, ``capturable=True`` and ``differentiable=True`` the front end runs the
+spec's :class:`~portopt.lowering.graph_step.GraphStep` instead (:func:`build_graph_step`).
+
 Precision: arithmetic runs in the bucket's "opmath" dtype, float32 unless a float64
 tensor is involved; float16/bfloat16 parameters and states are read into float32
 temporaries and rounded once when stored. New states are kept like torch.optim's:
@@ -45,6 +51,7 @@ from torch import Tensor
 
 from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype
 from portopt.lowering.checks import check_step_inputs
+from portopt.lowering.graph_step import GraphStep
 from portopt.lowering.host import HostValue, evaluate_host
 from portopt.lowering.interpreter import initial_state_values, state_shape
 from portopt.lowering.program import Instr, Program, SpecPlan
@@ -281,6 +288,43 @@ class _Runner:
         _store(dst, value)
 
 
+class _LoopRunner(_Runner):
+    """The executor of a one-parameter bucket: single-tensor calls instead of ``torch._foreach_*``."""
+
+    def execute(self, instr: Instr) -> TensorList:
+        if instr.form == "op":
+            return super().execute(instr)
+        args = [_as_list(self.arg(o, h)) for o, h in zip(instr.operands, instr.host, strict=True)]
+        scale = 1.0 if instr.scale is None else float(self.host[instr.scale])
+        if instr.negate:
+            scale = -scale
+        a, rest = args[0][0], [x[0] for x in args[1:]]
+        inplace = instr.inplace == 0
+        if instr.form == "lerp":
+            result = a.lerp_(rest[0], scale) if inplace else torch.lerp(a, rest[0], scale)
+        elif instr.form == "axpy":
+            result = a.add_(rest[0], alpha=scale) if inplace else torch.add(a, rest[0], alpha=scale)
+        elif instr.form == "addcmul":
+            result = a.addcmul_(*rest, value=scale) if inplace else torch.addcmul(a, *rest, value=scale)
+        else:
+            result = a.addcdiv_(*rest, value=scale) if inplace else torch.addcdiv(a, *rest, value=scale)
+        return [result]
+
+    def foreach(self, op: Op, args: list[Value], inplace: int | None) -> TensorList | None:
+        return None  # every op runs as its single-tensor rule (:meth:`loop`)
+
+    def apply(self, instr: Instr, args: list[Value]) -> TensorList:
+        if instr.node.op is Op.NORM:
+            return [torch.linalg.vector_norm(_as_list(args[0])[0])]
+        return super().apply(instr, args)
+
+    def store(self, name: str | None, dst: TensorList, value: Value) -> None:
+        if isinstance(value, list):
+            dst[0].copy_(value[0])
+        else:
+            dst[0].fill_(value)
+
+
 def _store(dst: TensorList, value: Value) -> None:
     if not isinstance(value, list):
         for x in dst:
@@ -320,10 +364,12 @@ class TorchStep:
     keeps torch.optim's choice (:func:`torch_state_dtype`).
     """
 
-    def __init__(self, spec: Spec, state_dtype: StateDtype = torch_state_dtype) -> None:
+    def __init__(self, spec: Spec, state_dtype: StateDtype = torch_state_dtype, *, per_tensor: bool = False) -> None:
         self.spec = spec
         self.plan = SpecPlan.of(spec)
         self.state_dtype = state_dtype
+        self.per_tensor = per_tensor
+        """One parameter per bucket and single-tensor calls (``foreach=False``)."""
 
     def __call__(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
@@ -385,7 +431,7 @@ class TorchStep:
         for param, grad, state in zip(params, grads, states, strict=True):
             t = float(state["step"]) + 1.0
             state_dtypes = tuple(state[n].dtype for n in names)
-            key = (param.device, param.dtype, grad.dtype, state_dtypes, t)
+            key = (param.device, param.dtype, grad.dtype, state_dtypes, t, len(buckets) if self.per_tensor else 0)
             bucket = buckets.get(key)
             if bucket is None:
                 dtype = compute_dtype([param.dtype, grad.dtype, *state_dtypes])
@@ -397,7 +443,7 @@ class TorchStep:
 
     def runner(self, bucket: _Bucket, host: Mapping[Expr, HostValue]) -> _Runner:
         """The executor of this step's program over ``bucket``."""
-        return _Runner(bucket, host)
+        return _LoopRunner(bucket, host) if self.per_tensor else _Runner(bucket, host)
 
     def step_bucket(self, bucket: _Bucket, hypers: Mapping[str, float]) -> None:
         host: dict[Expr, HostValue] = {}
@@ -409,12 +455,25 @@ class TorchStep:
         for name in self.spec.state_names:
             storage[name] = [s[name] for s in bucket.states]
         self.runner(bucket, host).run(program, storage)
-        torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
+        if self.per_tensor:
+            bucket.states[0]["step"].add_(1.0)
+        else:
+            torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
 
 
 def build_torch_step(spec: Spec) -> TorchStep:
     """The generic torch step function of ``spec``."""
     return TorchStep(spec)
+
+
+def build_per_tensor_step(spec: Spec) -> TorchStep:
+    """The generic torch step of ``spec``, one tensor at a time with single-tensor calls (``foreach=False``)."""
+    return TorchStep(spec, per_tensor=True)
+
+
+def build_graph_step(spec: Spec) -> GraphStep:
+    """The step of ``spec`` as torch ops over step tensors (torch.compile, capturable, differentiable)."""
+    return GraphStep(spec, TorchStep(spec).initial_state)
 
 
 def build_policy_step(spec: Spec, policy: PrecisionPolicy) -> PolicyStepFunction:
@@ -432,5 +491,8 @@ TORCH_GENERIC = register_backend(
         build=build_torch_step,
         priority=0,
         build_with_policy=build_policy_step,
+        build_per_tensor=build_per_tensor_step,
+        build_graph=build_graph_step,
+        torch_flag="foreach",
     )
 )

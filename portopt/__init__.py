@@ -25,6 +25,7 @@ _OPTIMIZERS = (
     "AdaBelief",
     "LAMB",
     "Lion",
+    "SparseAdam",
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Optimizer",
     "RAdam",
     "RMSprop",
+    "SparseAdam",
     "__version__",
 ]
 
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
         Optimizer,
         RAdam,
         RMSprop,
+        SparseAdam,
     )
 
 

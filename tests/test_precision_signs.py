@@ -29,6 +29,7 @@ EXPECTED = {
     "adabelief": {"exp_avg_var"},
     "lamb": {"exp_avg_sq"},
     "lion": set(),
+    "sparse_adam": set(),  # torch's v + (g² − v)·(1 − β2): >= 0, but not a sum of non-negative terms as written
 }
 
 

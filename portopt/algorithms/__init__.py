@@ -18,6 +18,7 @@ from portopt.algorithms.nadam import nadam
 from portopt.algorithms.radam import radam
 from portopt.algorithms.rmsprop import rmsprop
 from portopt.algorithms.sgd import sgd
+from portopt.algorithms.sparse_adam import sparse_adam
 from portopt.spec.definition import OptionValue, Spec
 
 SpecFactory = Callable[..., Spec]
@@ -34,6 +35,7 @@ ALGORITHMS: dict[str, SpecFactory] = {
     "adabelief": adabelief,
     "lamb": lamb,
     "lion": lion,
+    "sparse_adam": sparse_adam,
 }
 
 

@@ -109,13 +109,17 @@ class KernelPlan:
     function_name: str
     source: str
 
-    def make_function(self) -> KernelFunction:
-        """A fresh function object with its own code object (dynamo caches per code object)."""
+    def make_function(self, load: Callable[[Tensor], Tensor] = opmath) -> KernelFunction:
+        """A fresh function object with its own code object (dynamo caches per code object).
+
+        ``load`` reads each operand into the compute dtype (default :func:`opmath`, which returns a
+        float32/float64 tensor itself; a differentiable step passes one that copies).
+        """
         check_generated_source(self.source)
         filename = f"<portopt-kernel {self.function_name} #{next(_COUNTER)}>"
         # Registered so that tracebacks and dynamo can show the generated lines.
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
-        namespace: dict[str, object] = {"opmath": opmath, "where": torch.where}
+        namespace: dict[str, object] = {"opmath": load, "where": torch.where}
         namespace.update({f"op_{op.value}": rule for op, rule in TORCH_RULES.items()})
         exec(compile(self.source, filename, "exec"), namespace)
         fn = namespace[self.function_name]

@@ -13,6 +13,7 @@ from portopt.optim.optimizer import Optimizer
 from portopt.optim.radam import RAdam
 from portopt.optim.rmsprop import RMSprop
 from portopt.optim.sgd import SGD
+from portopt.optim.sparse_adam import SparseAdam
 
 __all__ = [
     "LAMB",
@@ -27,4 +28,5 @@ __all__ = [
     "Optimizer",
     "RAdam",
     "RMSprop",
+    "SparseAdam",
 ]

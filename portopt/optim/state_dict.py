@@ -138,7 +138,8 @@ def saveable(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` (torch's, freshly packed) with 8-bit states as dicts and policies as text."""
     state = state_dict["state"]
     for key, value in state.items():
-        if any(isinstance(v, Q8State) for v in value.values()):
+        # Hooks and user code may keep other entries in optimizer.state (state["x"] = 1): kept as torch keeps them.
+        if isinstance(value, Mapping) and any(isinstance(v, Q8State) for v in value.values()):
             state[key] = {k: v.to_dict() if isinstance(v, Q8State) else v for k, v in value.items()}
     for group in state_dict["param_groups"]:
         if isinstance(group.get("precision"), PrecisionPolicy):
@@ -230,9 +231,10 @@ def convert_state(
             raise CheckpointError(
                 f"{where}: state {decl.name!r} has shape {tuple(tensor.shape)}, the parameter needs {shape}"
             )
-        if not tensor.is_floating_point():
+        if not (tensor.is_floating_point() or (tensor.is_complex() and param.is_complex())):
             raise CheckpointError(f"{where}: state {decl.name!r} has dtype {tensor.dtype}; a floating dtype is needed")
-        converted[decl.name] = tensor.to(device=param.device)
+        # torch.optim.SGD keeps a sparse momentum buffer for sparse gradients; portopt's are dense (same values).
+        converted[decl.name] = (tensor.to_dense() if tensor.layout != torch.strided else tensor).to(device=param.device)
     return converted
 
 

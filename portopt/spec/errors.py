@@ -17,3 +17,8 @@ class InvalidDefaultError(SpecError, HyperparameterError):
     A :class:`SpecError` (the loader raises nothing else) and a :class:`HyperparameterError`
     (what is wrong is a hyperparameter value).
     """
+
+
+class HyperparameterOverflowError(HyperparameterError, OverflowError):
+    """A hyperparameter value too large for a float (``lr=10**400``): a ValueError naming the
+    hyperparameter, and the OverflowError that converting it would raise."""

@@ -6,7 +6,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from portopt.spec.errors import HyperparameterError
+from portopt.spec.errors import HyperparameterError, HyperparameterOverflowError
 from portopt.spec.expr import Expr, const
 
 
@@ -84,8 +84,18 @@ class Hyperparameter:
         return self.group_key or self.name
 
     def check(self, value: float, algorithm: str) -> None:
-        """Raise :class:`HyperparameterError` if ``value`` violates the constraint."""
-        if not self.constraint.contains(float(value)):
+        """Raise :class:`HyperparameterError` if ``value`` violates the constraint (or is too large for a float)."""
+        detach = getattr(value, "detach", None)  # a tensor (one that requires grad, too) is read as its value
+        try:
+            number = float(detach() if detach is not None else value)
+        except OverflowError:
+            digits = len(str(abs(int(value)))) if isinstance(value, int) else None
+            shown = f"an integer of {digits} digits" if digits else repr(value)
+            raise HyperparameterOverflowError(
+                f"Invalid {self.what or self.name + ' value'}: {shown} is too large for a float "
+                f"({algorithm}: {self.name} must be a finite number, {self.constraint.describe(self.name)})"
+            ) from None
+        if not self.constraint.contains(number):
             what = self.what or f"{self.name} value"
             raise HyperparameterError(
                 f"Invalid {what}: {value} ({algorithm}: {self.name} must satisfy {self.constraint.describe(self.name)})"
