@@ -7,7 +7,7 @@ enough to matter, ...). Hyperparameters are chosen so that every term is visible
 weight decay of 0.1 rather than 0.01, learning rates that move bfloat16 parameters by
 about one ulp per step. An algorithm of the library that the table does not know gets a
 default case and, if it has one, a weight-decay case, so a new algorithm is covered the
-day it lands. Rows marked ``quick=False`` run only in the full set: the quick set keeps
+day it lands; an algorithm may declare its own rows with its registration (``cases=``). Rows marked ``quick=False`` run only in the full set: the quick set keeps
 every algorithm with one or more rows that exercise its options (17 cases, 8 steps, the
 small problem), the full set runs every row on the full problem for 40 steps, plus a
 problem of more than a million elements, non-finite gradients, and the skip-step case.
@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from portopt.algorithms import ALGORITHMS, get_spec
+from portopt.algorithms import ALGORITHMS, REGISTRY, get_spec
 from portopt.conformance.problems import FULL, LARGE, NONFINITE, QUICK, Problem
 from portopt.spec.definition import OptionValue, Spec
 from portopt.spec.symbols import Layout
@@ -184,6 +184,9 @@ def _factory_defaults(algorithm: str) -> dict[str, object]:
 def _entries(algorithm: str) -> tuple[Entry, ...]:
     if algorithm in CASE_TABLE:
         return CASE_TABLE[algorithm]
+    rows = REGISTRY[algorithm].cases if algorithm in REGISTRY else ()
+    if rows:  # declared with the algorithm (portopt.algorithms.registry.CaseRow)
+        return tuple(Entry(dict(r.options), dict(r.hypers), r.maximize, r.quick, r.note) for r in rows)
     spec = get_spec(algorithm)
     entries = [Entry(note="default case (the algorithm is not in CASE_TABLE)")]
     if "weight_decay" in spec.hyper_names:
