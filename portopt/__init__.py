@@ -12,36 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_OPTIMIZERS = (
-    "Optimizer",
-    "SGD",
-    "Adagrad",
-    "RMSprop",
-    "Adam",
-    "AdamW",
-    "NAdam",
-    "Adamax",
-    "RAdam",
-    "AdaBelief",
-    "LAMB",
-    "Lion",
-)
 
-__all__ = [
-    "LAMB",
-    "SGD",
-    "AdaBelief",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "Lion",
-    "NAdam",
-    "Optimizer",
-    "RAdam",
-    "RMSprop",
-    "__version__",
-]
+def _optimizer_names() -> tuple[str, ...]:
+    """``Optimizer`` and the front-end class of every registered algorithm (read from the registry: adding an
+    algorithm does not touch this file; importing the registry does not import torch)."""
+    from portopt.algorithms import REGISTRY
+
+    return ("Optimizer", *sorted(a.class_name for a in REGISTRY.values() if a.class_name))
+
+
+_OPTIMIZERS = _optimizer_names()
+__all__ = [*_OPTIMIZERS, "__version__"]
 
 if TYPE_CHECKING:
     from portopt.optim import (
@@ -62,7 +43,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in _OPTIMIZERS:
-        value = getattr(importlib.import_module("portopt.optim"), name)
+        value = getattr(importlib.import_module("portopt.optim"), name)  # registry classes resolve lazily there
         globals()[name] = value
         return value
     raise AttributeError(f"module 'portopt' has no attribute {name!r}")

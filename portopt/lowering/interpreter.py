@@ -35,7 +35,12 @@ def host_scalar(value: float | Tensor) -> Tensor:
     return torch.tensor(float(value), dtype=HOST_SCALAR_DTYPE)
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
 
 
 def tensor_facts(x: Tensor, dtype: torch.dtype | None = None) -> TensorFacts:

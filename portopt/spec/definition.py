@@ -500,11 +500,11 @@ def _check_constant(value: float, algorithm: str, where: str) -> None:
 
 def _check_init(s: StateDecl, algorithm: str) -> None:
     for node in walk([s.init]):
-        if node.op in (Op.STEP, Op.STATE, Op.INPUT):
-            what = {Op.STEP: "the step counter", Op.STATE: f"state {node.value!r}", Op.INPUT: f"input {node.value!r}"}
+        if node.op in (Op.STEP, Op.STATE):
+            what = "the step counter" if node.op is Op.STEP else f"state {node.value!r}"
             raise SpecError(
-                f"{algorithm}: the initial value of state {s.name!r} reads {what[node.op]}; "
-                "an initial value may use only constants, hyperparameters, p, g and the tensor's shape"
+                f"{algorithm}: the initial value of state {s.name!r} reads {what}; an initial value may use only "
+                "constants, hyperparameters, inputs, p, g and the tensor's shape"
             )
     info = classify([s.init], {}, algorithm)
     _check_fits(info[s.init], s.layout, f"the initial value of state {s.name!r}", algorithm)

@@ -64,7 +64,9 @@ class Expr:
             raise SpecError(f"an expression's op must be a portopt.spec.Op, got {self.op!r}")
         info = OP_INFO[self.op]
         if not isinstance(self.args, tuple):
-            raise SpecError(f"{self.op.value}(): operands must be a tuple of expressions, got {type(self.args).__name__}")
+            raise SpecError(
+                f"{self.op.value}(): operands must be a tuple of expressions, got {type(self.args).__name__}"
+            )
         if len(self.args) != info.arity:
             raise SpecError(f"op {self.op.value!r} takes {info.arity} operand(s), got {len(self.args)}")
         for position, arg in enumerate(self.args):

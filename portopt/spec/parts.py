@@ -190,7 +190,9 @@ class Builder:
         old = self.state(name, symbol, **declaration)  # type: ignore[arg-type]
         return self.update(name, ema(old, x, decay))
 
-    def method(self, name: str, updates: Sequence[tuple[str, ExprLike]], due: Expr | None = None, doc: str = "") -> None:
+    def method(
+        self, name: str, updates: Sequence[tuple[str, ExprLike]], due: Expr | None = None, doc: str = ""
+    ) -> None:
         """Declare a method (an update of some states run between steps)."""
         self.methods.append(Method(name, tuple((n, as_expr(e)) for n, e in updates), due, doc))
 
