@@ -65,7 +65,7 @@ class Adan(NamedOptimizer):
     def spec_options(cls, group: Mapping[str, Any]) -> dict[str, OptionValue]:
         return {"no_prox": bool(group.get("no_prox", False))}
 
-    def grad_scale(self) -> float:
+    def clip_coefficient(self) -> float:
         """The factor of global gradient-norm clipping (1 without ``max_grad_norm``)."""
         max_norm = float(self.defaults["max_grad_norm"])
         if max_norm <= 0:
@@ -82,11 +82,9 @@ class Adan(NamedOptimizer):
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One step (gradients clipped by their global norm first, with ``max_grad_norm``)."""
-        if closure is None:
-            return super().step(grad_scale=self.grad_scale())
-        loss = closure_loss = None
-        with torch.enable_grad():
-            closure_loss = closure()
-        super().step(grad_scale=self.grad_scale())
-        loss = closure_loss
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        super().step(grad_scale=self.clip_coefficient())
         return loss

@@ -220,7 +220,7 @@ def _input_symbol(name: str, ctx: _Context) -> str:
 
 
 def _shape_leaf(node: Expr, ctx: _Context) -> _Piece:
-    """``numel(p)``, ``ndim(p)``, ``size(p, −1)``, ``eps(dtype)`` (LaTeX: ``\operatorname{numel}(\theta)``, ...)."""
+    r"""``numel(p)``, ``ndim(p)``, ``size(p, −1)``, ``eps(dtype)`` (LaTeX: ``\operatorname{numel}(\theta)``, ...)."""
     target = r"\theta" if ctx.latex else "p"
     if node.op is Op.SIZE:
         axis = _number(float(node.value or 0.0), ctx.latex).text
