@@ -663,15 +663,20 @@ def _method_lines(spec: Spec, latex: bool) -> list[str]:
 def render_text(spec: Spec, *, header: bool = True) -> str:
     """The spec as plain text: a header (title, hyperparameters, states), then one equation per line."""
     return "\n".join(
-        [*(_header(spec, latex=False) if header else []), *_equation_lines(spec, latex=False), *_method_lines(spec, False)]
+        [
+            *(_header(spec, latex=False) if header else []),
+            *_equation_lines(spec, latex=False),
+            *_method_lines(spec, False),
+        ]
     )
 
 
 def render_latex(spec: Spec, *, header: bool = True) -> str:
-    """The spec as a LaTeX ``aligned`` block; the header, if asked for, as ``%`` comment lines."""
+    """The spec as a LaTeX ``aligned`` block; the header (and the methods after the block), if asked for, as
+    ``%`` comment lines."""
     comments = [f"% {line}" for line in _header(spec, latex=True)] if header else []
     body = " \\\\\n".join(_equation_lines(spec, latex=True))
-    methods = [f"% {line}" for line in _method_lines(spec, latex=True)]
+    methods = [f"% {line}" for line in _method_lines(spec, latex=True)] if header else []
     return "\n".join([*comments, r"\begin{aligned}", body, r"\end{aligned}", *methods])
 
 
