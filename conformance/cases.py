@@ -195,7 +195,8 @@ def _entries(algorithm: str) -> tuple[Entry, ...]:
 
 
 def _problem_for(spec: Spec, problem: Problem) -> Problem:
-    factored = any(s.layout in (Layout.ROW, Layout.COL) for s in spec.states)
+    # Matrices only when a factored state exists for every tensor (Adafactor's exist only where ndim >= 2).
+    factored = any(s.layout in (Layout.ROW, Layout.COL) and s.when is None for s in spec.states)
     return problem.matrices_only() if factored else problem
 
 

@@ -274,7 +274,7 @@ class _AdanTranscription(torch.optim.Optimizer):
         for group in self.param_groups:
             b1, b2, b3 = group["betas"]
             group["step"] = group.get("step", 0) + 1
-            bc1, bc2, bc3 = (1.0 - b**group["step"] for b in (b1, b2, b3))
+            bc1, bc2, bc3 = (1.0 - b ** group["step"] for b in (b1, b2, b3))
             for p in group["params"]:
                 state = self.state[p]
                 if not state:

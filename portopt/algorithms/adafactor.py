@@ -10,12 +10,14 @@ slice, O(rows + cols) memory; a vector or scalar keeps the full second moment ``
     1 − β̂2_t = t^τ                    ρ_t = min(lr, 1/√t)          α_t = max(ε2, RMS(p_{t−1}))·ρ_t
     p' = p_{t−1}·(1 − lr·λ)                                           (decoupled decay, with lr)
     R_t = β̂2_t·R + (1 − β̂2_t)·rowmean(g²)     C_t = β̂2_t·C + (1 − β̂2_t)·colmean(g²)
-    V̂_t = R_t·C_t / max(mean_rows(R_t), ε1)   (per slice)   or   V_t = β̂2_t·V + (1 − β̂2_t)·g²
+    V̂_t = R_t·(C_t / max(mean_rows(R_t), ε1))   (per slice)   or   V_t = β̂2_t·V + (1 − β̂2_t)·g²
     U_t = g / √max(V̂_t, ε1²)          p_t = p' − α_t·U_t / max(1, RMS(U_t)/d)
 
 with ``ε1`` the machine epsilon of the parameter's dtype when torch's ``eps=(None, ε2)``
 (``eps1_from_dtype=True``), else the hyperparameter ``eps1``. RMS is ``‖x‖/√n`` over the whole
-tensor; ``mean_rows`` is per trailing 2-D slice (torch's ``row_var.mean(dim=-2)``).
+tensor; ``mean_rows`` is per trailing 2-D slice (torch's ``row_var.mean(dim=-2)``). torch computes
+``(R·C)/mean_rows(R)``, which overflows float32 for gradients above about 1e9; the division first
+gives the same value within an ulp.
 
 ``convention="transformers"`` is HF transformers' ``Adafactor`` (src/transformers/optimization.py,
 after fairseq): ε1 added to ``g²`` before averaging, ``U = rsqrt(R/mean_rows(R))·rsqrt(C)·g``,
@@ -117,7 +119,9 @@ def adafactor(
     rho = minimum(lr, 1 / T**0.5).named("ρ_t", r"\rho_t")
     alpha = (maximum(eps2, rms(P)) * rho).named("α_t", r"\alpha_t")
     states, updates, r_t, c_t, v_t = _second_moment(square(G), decay)
-    v_hat = where(ndim() >= 2, r_t * c_t / maximum(col_mean(r_t), eps1), v_t).named("V̂_t", r"\hat{V}_t")
+    # R·(C/mean_rows(R)), not torch's (R·C)/mean_rows(R): the same number to an ulp, without the float32
+    # overflow of R·C when gradients are above ~1e9 (both factors ~g²).
+    v_hat = where(ndim() >= 2, r_t * (c_t / maximum(col_mean(r_t), eps1)), v_t).named("V̂_t", r"\hat{V}_t")
     u = (rsqrt(maximum(v_hat, eps1 * eps1)) * G).named("U_t")
     clip = maximum(1.0, rms(u) / d).named("κ_t", r"\kappa_t")
     hypers = [learning_rate(1e-2), _decay_exponent("beta2_decay")]

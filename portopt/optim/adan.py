@@ -46,7 +46,7 @@ class Adan(NamedOptimizer):
         precision: PrecisionPolicy | str | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
-        if not 0.0 <= max_grad_norm:
+        if not max_grad_norm >= 0.0:
             raise ValueError(f"Invalid Max grad norm: {max_grad_norm}")
         check_lr(lr)
         defaults = {

@@ -22,8 +22,23 @@ from collections.abc import Sequence
 
 from portopt.spec.definition import OptionValue, Spec
 from portopt.spec.errors import SpecError
-from portopt.spec.expr import Expr, ExprLike, G, P, T, as_expr, hyper, maximum, norm, numel, sqrt, state, step_input
-from portopt.spec.expr import tensor_sum, where
+from portopt.spec.expr import (
+    Expr,
+    ExprLike,
+    G,
+    P,
+    T,
+    as_expr,
+    hyper,
+    maximum,
+    norm,
+    numel,
+    sqrt,
+    state,
+    step_input,
+    tensor_sum,
+    where,
+)
 from portopt.spec.symbols import (
     NON_NEGATIVE,
     UNIT_INTERVAL_OPEN_RIGHT,
