@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -23,22 +23,6 @@ def _optimizer_names() -> tuple[str, ...]:
 
 _OPTIMIZERS = _optimizer_names()
 __all__ = [*_OPTIMIZERS, "__version__"]
-
-if TYPE_CHECKING:
-    from portopt.optim import (
-        LAMB,
-        SGD,
-        AdaBelief,
-        Adagrad,
-        Adam,
-        Adamax,
-        AdamW,
-        Lion,
-        NAdam,
-        Optimizer,
-        RAdam,
-        RMSprop,
-    )
 
 
 def __getattr__(name: str) -> Any:

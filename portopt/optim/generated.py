@@ -32,7 +32,7 @@ def _make(algorithm: str, class_name: str) -> type[NamedOptimizer]:
     options = _options(algorithm)
     front = {"maximize": False, "backend": "auto", "precision": None, "skip_nonfinite": False}
 
-    def __init__(self: NamedOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+    def init(self: NamedOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, params, *args, **kwargs)
         bound.apply_defaults()
         values = dict(bound.arguments)
@@ -49,14 +49,14 @@ def _make(algorithm: str, class_name: str) -> type[NamedOptimizer]:
     positional += [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v) for k, v in keys.items()]
     keyword = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in {**options, **front}.items()]
     signature = inspect.Signature(positional + keyword)
-    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    init.__signature__ = signature  # type: ignore[attr-defined]
     doc = (
         f"{REGISTRY[algorithm].factory().title}, made from its spec (:mod:`portopt.optim.generated`).\n\n"
         f"Arguments: {', '.join(keys)} (torch-style param-group keys), then keyword-only "
         f"{', '.join([*options, *_FRONT_END])}."
     )
     namespace: dict[str, Any] = {
-        "__init__": __init__,
+        "__init__": init,
         "spec_options": classmethod(spec_options),
         "algorithm": algorithm,
         "option_defaults": {"maximize": False, **options},
