@@ -251,3 +251,36 @@ def find_case(name: str, cases: Iterable[Case]) -> Case:
         return table[name]
     except KeyError:
         raise ValueError(f"unknown case {name!r}; cases: {', '.join(sorted(table))}") from None
+
+
+def spec_cases(spec: Spec, quick: bool = True) -> list[Case]:
+    """Cases for a spec that is not in the library (``portopt conformance --spec module:factory``).
+
+    The default row and, where the spec has one, a weight-decay row, on the quick or full problem
+    (matrices only where every tensor keeps a factored state); the spec travels with each case
+    (``spec_json``), so every implementation and the reference run exactly it.
+    """
+    from portopt.spec.serialize import spec_to_json
+
+    text = spec_to_json(spec)
+    entries = [Entry(note=f"a spec of your own ({spec.name})")]
+    if "weight_decay" in spec.hyper_names:
+        entries.append(Entry(hypers={"weight_decay": 0.1}, note="weight decay"))
+    problem = _problem_for(spec, QUICK if quick else FULL)
+    steps = QUICK_STEPS if quick else FULL_STEPS
+    cases = []
+    for entry in entries:
+        label = "[wd=0.1]" if entry.hypers else ""
+        cases.append(
+            Case(
+                name=f"{spec.name}{label}/{problem.name}",
+                algorithm=spec.name,
+                options=tuple(spec.options),
+                hypers=tuple(entry.hypers.items()),
+                problem=problem,
+                steps=steps,
+                note=entry.note,
+                spec_json=text,
+            )
+        )
+    return cases
