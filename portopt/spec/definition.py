@@ -260,7 +260,8 @@ def _normalise(spec: Spec) -> None:
         if s.when is not None and not isinstance(s.when, Expr):
             raise SpecError(f"{spec.name}: state {s.name!r}: when= must be a condition such as ndim() >= 2")
     stepped = {n for n, _ in updates}
-    by_method = [n for m in methods for n, _ in m.updates if n not in stepped]
+    declared = {s.name for s in spec.states}
+    by_method = [n for m in methods for n, _ in m.updates if n not in stepped and n in declared]
     updates += tuple((n, state(n)) for n in dict.fromkeys(by_method))
     object.__setattr__(spec, "updates", updates)
 
