@@ -64,6 +64,7 @@ def test_cli_memory_adafactor(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["memory", "adafactor", "--model-shapes", "4096x4096,4096"]) == 0
     out = capsys.readouterr().out
-    assert "state.row_var" in out and "16.00 KiB" in out  # 4096 rows x 4 bytes
+    assert "state.row_var" in out
+    assert "16.00 KiB" in out
     assert main(["memory", "adafactor"]) == 0
     assert "variance: not kept for a large matrix" in capsys.readouterr().out

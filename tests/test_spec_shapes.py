@@ -13,10 +13,10 @@ from portopt.backends import reference, torch_generic
 from portopt.spec import (
     G,
     P,
-    T,
     Spec,
     SpecError,
     StateDecl,
+    T,
     const,
     eq,
     hyper,
@@ -27,8 +27,21 @@ from portopt.spec import (
     state,
     where,
 )
-from portopt.spec.expr import col_max, col_mean, col_sum, finfo, floor, mod, ndim, numel, row_max, row_mean, size
-from portopt.spec.expr import row_sum, step_input
+from portopt.spec.expr import (
+    col_max,
+    col_mean,
+    col_sum,
+    finfo,
+    floor,
+    mod,
+    ndim,
+    numel,
+    row_max,
+    row_mean,
+    row_sum,
+    size,
+    step_input,
+)
 from portopt.spec.parts import Builder, beta, cautious, clip_by_rms, learning_rate, rms
 from portopt.spec.symbols import Input, Layout, Method
 
@@ -154,7 +167,9 @@ def test_a_state_layout_chosen_by_rank(backend: str) -> None:
     step = (torch_generic.build_torch_step if backend == "torch" else reference.build_reference_step)(spec)
     states: list[dict[str, torch.Tensor]] = [{} for _ in params]
     step(params, grads, states, spec.defaults())
-    assert set(states[0]) == {"v", "step"} and set(states[1]) == {"r", "step"} and set(states[2]) == {"v", "step"}
+    assert set(states[0]) == {"v", "step"}
+    assert set(states[1]) == {"r", "step"}
+    assert set(states[2]) == {"v", "step"}
     assert states[1]["r"].shape == (2, 1)
     for p in params:
         torch.testing.assert_close(p, torch.full_like(p, 1 - 0.1 * 2.0))
@@ -164,7 +179,7 @@ def test_a_state_layout_chosen_by_rank(backend: str) -> None:
 def test_parts_compute_what_they_say() -> None:
     g = torch.randn(5, 4, dtype=F64) * 3
     b = Builder("parts", "Parts")
-    (lr,) = b.hypers(learning_rate(1.0))
+    (_lr,) = b.hypers(learning_rate(1.0))
     spec = b.build(P * 0 + clip_by_rms(G, 0.5) + 10 * cautious(G - 0.3, G) + 100 * rms(G))
     p = torch.zeros_like(g)
     run(spec, [p], [g], "reference", steps=1)
@@ -180,7 +195,9 @@ def test_a_spec_built_from_parts_renders_as_one_set_of_equations() -> None:
     lr, b1 = b.hypers(learning_rate(0.1), beta(1, 0.9))
     m = b.ema("exp_avg", "m", G, b1)
     text = render_text(b.build(P - lr * clip_by_rms(m, 1.0)))
-    assert "m ← β1·m + (1 − β1)·g" in text and "RMS(u)/d = " in text and text.splitlines()[-1].startswith("p ← ")
+    assert "m ← β1·m + (1 − β1)·g" in text
+    assert "RMS(u)/d = " in text
+    assert text.splitlines()[-1].startswith("p ← ")
 
 
 # rendering and serialisation -------------------------------------------------------------------
@@ -192,10 +209,14 @@ def test_new_nodes_render_and_round_trip() -> None:
         param_update=P - step_input("bs") * numel() * size(-1) * finfo("tiny") * floor(mod(T, 3)) * row_sum(G),
     )
     text = render_text(spec)
-    assert "numel(p)" in text and "size(p, −1)" in text and "tiny(dtype)" in text and "⌊mod(t, 3)⌋" in text
+    assert "numel(p)" in text
+    assert "size(p, −1)" in text
+    assert "tiny(dtype)" in text
+    assert "⌊mod(t, 3)⌋" in text
     assert "inputs: B = 64 (step(bs=...))" in text
     latex = render_latex(spec)
-    assert r"\operatorname{numel}(\theta)" in latex and r"\lfloor" in latex
+    assert r"\operatorname{numel}(\theta)" in latex
+    assert r"\lfloor" in latex
     for s in (spec, _rank_spec(), get_spec("sophiag"), get_spec("adafactor")):
         assert spec_from_json(spec_to_json(s)) == s
 

@@ -46,7 +46,8 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_show_a_user_spec(user_module: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["show", "--spec", f"{user_module}:make"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("My cautious Lion (my_lion)") and "sum(φ)" in out
+    assert out.startswith("My cautious Lion (my_lion)")
+    assert "sum(φ)" in out
     assert main(["show", "--spec", f"{user_module}:make", "-o", "cautious_mask=false", "--latex"]) == 0
     assert "sum" not in capsys.readouterr().out
 
