@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,21 @@ def _optimizer_names() -> tuple[str, ...]:
 
 _OPTIMIZERS = _optimizer_names()
 __all__ = [*_OPTIMIZERS, "__version__"]
+
+
+if TYPE_CHECKING:  # the hand-written classes, typed (the others resolve through the registry)
+    from portopt.optim import LAMB as LAMB
+    from portopt.optim import SGD as SGD
+    from portopt.optim import AdaBelief as AdaBelief
+    from portopt.optim import Adagrad as Adagrad
+    from portopt.optim import Adam as Adam
+    from portopt.optim import Adamax as Adamax
+    from portopt.optim import AdamW as AdamW
+    from portopt.optim import Lion as Lion
+    from portopt.optim import NAdam as NAdam
+    from portopt.optim import Optimizer as Optimizer
+    from portopt.optim import RAdam as RAdam
+    from portopt.optim import RMSprop as RMSprop
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def _params(shapes: Sequence[tuple[int, ...]]) -> tuple[list[Tensor], list[Tenso
 def test_adafactor_matches_torch_optim(backend: str, kwargs: dict[str, object]) -> None:
     ours, theirs = _params(SHAPES)
     worst = _run_pair(
-        portopt.Adafactor(ours, backend=backend, **kwargs),  # type: ignore[arg-type]
+        portopt.Adafactor(ours, backend=backend, **kwargs),
         ours,
         torch.optim.Adafactor(theirs, **kwargs),  # type: ignore[arg-type]
         theirs,
@@ -106,7 +107,7 @@ def test_adafactor_empty_tensors_stay_finite(shape: tuple[int, ...]) -> None:
 
 
 def _transformers_adafactor(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, object]], group: dict[str, object]
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
 ) -> None:
     """transformers' Adafactor.step for one group (src/transformers/optimization.py), its formulas in order."""
 
@@ -125,34 +126,34 @@ def _transformers_adafactor(
                 state["col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], dtype=F64)
             else:
                 state["sq"] = torch.zeros_like(grad)
-        state["step"] = int(state["step"]) + 1  # type: ignore[call-overload]
+        state["step"] = int(state["step"]) + 1
         t = state["step"]
         rel = group["lr"]
         if group["relative_step"]:
-            rel = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))  # type: ignore[operator]
-        scale = max(group["eps"][1], rms(p)) if group["scale_parameter"] else 1.0  # type: ignore[index]
-        lr = scale * rel  # type: ignore[operator]
-        beta2t = 1.0 - math.pow(t, group["decay_rate"])  # type: ignore[arg-type]
-        update = grad**2 + group["eps"][0]  # type: ignore[index]
+            rel = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
+        scale = max(group["eps"][1], rms(p)) if group["scale_parameter"] else 1.0
+        lr = scale * rel
+        beta2t = 1.0 - math.pow(t, group["decay_rate"])
+        update = grad**2 + group["eps"][0]
         if factored:
             row, col = state["row"], state["col"]
-            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)  # type: ignore[union-attr]
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)  # type: ignore[union-attr]
-            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # type: ignore[union-attr]
-            c = col.unsqueeze(-2).rsqrt()  # type: ignore[union-attr]
+            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c = col.unsqueeze(-2).rsqrt()
             update = torch.mul(r, c).mul_(grad)
         else:
             sq = state["sq"]
-            sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)  # type: ignore[union-attr]
-            update = sq.rsqrt().mul_(grad)  # type: ignore[union-attr]
+            sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            update = sq.rsqrt().mul_(grad)
         update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0))
         update.mul_(lr)
         if first:
             m = state["exp_avg"]
-            m.mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])  # type: ignore[union-attr,operator]
-            update = m  # type: ignore[assignment]
+            m.mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+            update = m
         if group["weight_decay"] != 0:
-            p.add_(p, alpha=-group["weight_decay"] * lr)  # type: ignore[operator]
+            p.add_(p, alpha=-group["weight_decay"] * lr)
         p.add_(-update)
 
 
@@ -180,9 +181,9 @@ def test_adafactor_transformers_convention_matches_its_transcription(options: di
         "warmup_init": options.get("warmup_init", False),
     }
     ours, theirs = _params(SHAPES)
-    hypers = {"weight_decay": 0.1} | ({} if relative else {"lr": 0.02})
+    hypers: dict[str, Any] = {"weight_decay": 0.1} | ({} if relative else {"lr": 0.02})
     mine = portopt.Optimizer(ours, spec, backend="torch", **hypers)
-    states: list[dict[str, object]] = [{} for _ in theirs]
+    states: list[dict[str, Any]] = [{} for _ in theirs]
     worst = 0.0
     for t in range(1, STEPS + 1):
         grads = _grads(t, SHAPES)
@@ -234,7 +235,8 @@ def test_sophiag_matches_the_reference_with_update_hessian(backend: str) -> None
             self.opt = opt
 
         def step(self) -> None:
-            self.opt.step(bs=64)  # type: ignore[call-arg]
+            step: Any = self.opt.step
+            step(bs=64)
 
     worst = _run_pair(BatchSize(mine), ours, BatchSize(ref), theirs, SHAPES, hessian_every_10)  # type: ignore[arg-type]
     assert worst <= 1e-10
@@ -314,7 +316,7 @@ def test_adan_matches_sail_sg_adan(backend: str, kwargs: dict[str, float]) -> No
     ours, theirs = _params(SHAPES)
     args = {"betas": (0.98, 0.92, 0.99), "eps": 1e-8, **kwargs}
     worst = _run_pair(
-        portopt.Adan(ours, backend=backend, **args),  # type: ignore[arg-type]
+        portopt.Adan(ours, backend=backend, **args),
         ours,
         _AdanTranscription(theirs, **args),  # type: ignore[arg-type]
         theirs,

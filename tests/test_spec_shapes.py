@@ -262,6 +262,7 @@ def test_composed_optimizer_runs_as_torch_optimizer() -> None:
     model(torch.randn(3, 4)).sum().backward()
     before = model.weight.detach().clone()
     opt.step()
+    assert model.weight.grad is not None
     torch.testing.assert_close(model.weight.detach(), before - 0.01 * torch.sign(model.weight.grad))
 
 

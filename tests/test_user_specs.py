@@ -8,6 +8,7 @@ import inspect
 import re
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import portopt
 from portopt.algorithms import registry
 from portopt.cli import main
+from portopt.spec import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = """
@@ -34,7 +36,7 @@ def make(cautious_mask: bool = True):
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     name = f"user_spec_{abs(hash(tmp_path)) % 10**8}"
     (tmp_path / f"{name}.py").write_text(MODULE)
     monkeypatch.chdir(tmp_path)
@@ -142,5 +144,5 @@ def test_readme_write_your_own_optimizer(capsys: pytest.CaptureFixture[str]) -> 
     namespace: dict[str, object] = {}
     exec(compile(textwrap.dedent(code), "README.md", "exec"), namespace)
     spec = namespace["spec"]
-    assert isinstance(spec, portopt.spec.Spec)  # type: ignore[attr-defined]
+    assert isinstance(spec, Spec)
     assert "RMS(u)/d" in capsys.readouterr().out

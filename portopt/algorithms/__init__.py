@@ -11,10 +11,48 @@ from __future__ import annotations
 
 import sys
 
+# The factories, importable from here as before (``from portopt.algorithms import adam``). Registration does
+# not depend on this list: the registry discovers every module, so a new algorithm needs no line here.
+from portopt.algorithms.adabelief import adabelief
+from portopt.algorithms.adafactor import adafactor
+from portopt.algorithms.adagrad import adagrad
+from portopt.algorithms.adam import adam, adamw
+from portopt.algorithms.adamax import adamax
+from portopt.algorithms.adan import adan
+from portopt.algorithms.came import came
+from portopt.algorithms.lamb import lamb
+from portopt.algorithms.lion import lion
+from portopt.algorithms.nadam import nadam
+from portopt.algorithms.radam import radam
 from portopt.algorithms.registry import Algorithm, SpecFactory, discover, load_entry_points
+from portopt.algorithms.rmsprop import rmsprop
+from portopt.algorithms.sgd import sgd
+from portopt.algorithms.sophia import sophiag
 from portopt.spec.definition import OptionValue, Spec
 
-__all__ = ["ALGORITHMS", "REGISTRY", "Algorithm", "SpecFactory", "algorithm_names", "get_spec"]
+__all__ = [
+    "ALGORITHMS",
+    "REGISTRY",
+    "Algorithm",
+    "SpecFactory",
+    "adabelief",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "adan",
+    "algorithm_names",
+    "came",
+    "get_spec",
+    "lamb",
+    "lion",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "sgd",
+    "sophiag",
+]
 
 REGISTRY: dict[str, Algorithm] = discover(sys.modules[__name__])
 load_entry_points(REGISTRY)

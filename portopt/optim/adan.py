@@ -75,16 +75,16 @@ class Adan(NamedOptimizer):
         return min(max_norm / (total + float(self.param_groups[-1]["eps"])), 1.0)
 
     @overload
-    def step(self, closure: None = None) -> None: ...
+    def step(self, closure: None = None, **inputs: float | Tensor) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
+    def step(self, closure: Callable[[], float], **inputs: float | Tensor) -> float: ...
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None, **inputs: float | Tensor) -> float | None:
         """One step (gradients clipped by their global norm first, with ``max_grad_norm``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        super().step(grad_scale=self.clip_coefficient())
+        super().step(None, **{"grad_scale": self.clip_coefficient(), **inputs})
         return loss

@@ -54,14 +54,14 @@ class SophiaG(NamedOptimizer):
         self._setup(params, defaults, backend, precision, skip_nonfinite)
 
     @overload
-    def step(self, closure: None = None, bs: float | Tensor = 5120) -> None: ...
+    def step(self, closure: None = None, **inputs: float | Tensor) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float], bs: float | Tensor = 5120) -> float: ...
+    def step(self, closure: Callable[[], float], **inputs: float | Tensor) -> float: ...
 
-    def step(self, closure: Callable[[], float] | None = None, bs: float | Tensor = 5120) -> float | None:
-        """One step; ``bs`` is the number of tokens of the batch (the reference's default 5120)."""
-        return super().step(closure, bs=bs)
+    def step(self, closure: Callable[[], float] | None = None, **inputs: float | Tensor) -> float | None:
+        """One step; ``bs=`` is the number of tokens of the batch (default 5120, the reference's)."""
+        return super().step(closure, **inputs)
 
     def update_hessian(self) -> None:
         """``h ← β2·h + (1 − β2)·g²`` with the gradients present now (the GNB estimate)."""

@@ -251,7 +251,8 @@ def ndim() -> Expr:
 
 def size(axis: int) -> Expr:
     """The size of ``axis`` of the stepped tensor (``size(-1)``: columns); 1 for an axis it lacks."""
-    return Expr(Op.SIZE, value=float(axis) if isinstance(axis, int) and not isinstance(axis, bool) else axis)
+    value: object = axis
+    return Expr(Op.SIZE, value=float(axis) if type(value) is int else axis)
 
 
 def finfo(field: str = "eps") -> Expr:

@@ -184,12 +184,12 @@ def check_spec_strings(spec: Spec) -> None:
         check_name(key, f"{name}: option {_preview(key)}")
         if isinstance(value, str):
             check_text(value, f"{name}: option {key} value")
-    for i in spec.inputs:
-        where = f"{name}: input {_preview(i.name)}"
-        check_name(i.name, f"{where} name")
-        check_text(i.symbol, f"{where} symbol")
-        check_latex(i.latex, f"{name}: input {_preview(i.name)} latex")
-        check_text(i.doc, f"{where} doc", multiline=True)
+    for declared in spec.inputs:
+        where = f"{name}: input {_preview(declared.name)}"
+        check_name(declared.name, f"{where} name")
+        check_text(declared.symbol, f"{where} symbol")
+        check_latex(declared.latex, f"{where} latex")
+        check_text(declared.doc, f"{where} doc", multiline=True)
     for m in spec.methods:
         check_name(m.name, f"{name}: method {_preview(m.name)} name")
         check_text(m.doc, f"{name}: method {_preview(m.name)} doc", multiline=True)
