@@ -295,12 +295,13 @@ def _max_abs(g: _Graph, args: list[str], elem: int) -> str:
 
 def _axis(op_type: str, axis: int) -> Rule:
     def rule(g: _Graph, args: list[str], elem: int) -> str:
-        if op_type == "ReduceMean":  # sum / max(n, 1): 0 over an empty axis, as the reference's rule
-            total = g.reduce("ReduceSum", args[0], [axis], keepdims=1)
-            length = g.emit("Gather", [g.emit("Shape", args), g.ints([axis])])
-            count = g.emit("Max", [g.emit("Cast", [length], to=elem), g.const(1.0, elem)])
-            return g.emit("Div", [total, count])
-        return g.reduce(op_type, args[0], [axis], keepdims=1)
+        reduced = g.reduce(op_type, args[0], [axis], keepdims=1)
+        if op_type == "ReduceSum":
+            return reduced
+        # 0 over an empty axis, as the reference's rule (ONNX: NaN for a mean, -inf or an error for a max)
+        length = g.emit("Gather", [g.emit("Shape", args), g.ints([axis])])
+        empty = g.emit("Equal", [length, g.ints([0])])
+        return g.emit("Where", [empty, g.const(0.0, elem), reduced])
 
     return rule
 

@@ -13,9 +13,10 @@ from portopt.spec.serialize import spec_to_json
 
 
 def add_spec_source(parser: argparse.ArgumentParser) -> None:
-    """The positional algorithm name, or ``--spec module:factory`` for a spec of one's own."""
-    parser.add_argument("algorithm", nargs="?", help="algorithm name (see `portopt list`)")
-    parser.add_argument(
+    """The positional algorithm name, or ``--spec module:factory`` for a spec of one's own (exactly one)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("algorithm", nargs="?", help="algorithm name (see `portopt list`)")
+    source.add_argument(
         "--spec",
         metavar="MODULE:FACTORY",
         help="a spec of your own instead: FACTORY(**options) in MODULE (the current directory is searched)",

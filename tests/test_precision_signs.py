@@ -29,6 +29,10 @@ EXPECTED = {
     "adabelief": {"exp_avg_var"},
     "lamb": {"exp_avg_sq"},
     "lion": set(),
+    "adafactor": {"row_var", "col_var", "variance"},  # 1 − t^τ in [0, 1) for τ <= 0
+    "came": {"exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq"},
+    "sophiag": {"hessian"},
+    "adan": {"exp_avg_sq"},
 }
 
 

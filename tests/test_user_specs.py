@@ -73,8 +73,8 @@ def test_memory_and_export_of_a_user_spec(user_module: str, tmp_path: Path, caps
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["show"], "name an algorithm or give --spec"),
-        (["show", "adam", "--spec", "x:y"], "name an algorithm or give --spec"),
+        (["show"], "one of the arguments algorithm --spec is required"),
+        (["show", "adam", "--spec", "x:y"], "not allowed with argument algorithm"),
         (["show", "--spec", "nomodule_xyz:make"], "cannot import module 'nomodule_xyz'"),
         (["show", "--spec", "portopt.spec:Spec"], "TypeError"),
         (["show", "--spec", "portopt:__version__"], "not a spec factory"),

@@ -112,7 +112,9 @@ ALGORITHMS = (
         cases=(
             CaseRow(hypers={"lr": 0.01}),
             CaseRow(hypers={"lr": 0.01, "weight_decay": 0.1, "clip_threshold": 0.5}, maximize=True),
-            CaseRow(hypers={"lr": 0.01, "eps2": 1e-3, "beta3": 0.9}, quick=False, note="an ε2 that matters"),
+            CaseRow(
+                hypers={"lr": 0.01, "beta2": 0.99, "eps2": 1e-3, "beta3": 0.9}, quick=False, note="an ε2 that matters"
+            ),
         ),
     ),
 )

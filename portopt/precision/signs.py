@@ -92,6 +92,8 @@ def _binary(op: Op, a: Interval, b: Interval, same_operand: bool) -> Interval:
         return (max(a[0], b[0]), max(a[1], b[1]))
     if op is Op.MINIMUM:
         return (min(a[0], b[0]), min(a[1], b[1]))
+    if op is Op.POW and a[0] >= 1 and b[1] <= 0:
+        return (0.0, 1.0)  # t^τ with τ <= 0 (Adafactor's 1 − β̂2_t)
     if op is Op.POW and a[0] >= 0:
         return NON_NEGATIVE
     return UNBOUNDED
