@@ -30,7 +30,7 @@ from portopt.backends.onnx import (
 from portopt.cli import USAGE_ERROR, main
 from portopt.cli_options import build_spec, option_variants
 from portopt.export import to_onnx
-from portopt.spec import G, Hyperparameter, P, Spec, StateDecl, hyper, sqrt, state
+from portopt.spec import G, Hyperparameter, P, Spec, SpecError, StateDecl, hyper, sqrt, state
 from portopt.spec.ops import OP_INFO, Family, Op
 from portopt.spec.render import render_text
 from portopt.spec.serialize import spec_from_json
@@ -170,17 +170,19 @@ def test_opset_and_dtype_choices_are_checked() -> None:
     )
 
 
-HOSTILE = 'x\'); __import__("os").system("echo pwned") #\n\x00../../etc/passwd'
+HOSTILE = 'x\'); __import__("os").system("echo pwned") # ../../etc/passwd'
+"""Printable, so a spec may carry it as display text (title, symbols, labels); control characters and
+non-identifier names are refused when the spec is built (portopt.spec.limits)."""
 
 
 def _spec_with_strings(text: str, state_name: str = "m", hyper_name: str = "lr") -> Spec:
     m = state(state_name)
-    m_t = (0.9 * m + 0.1 * G).named(text, text)
+    m_t = (0.9 * m + 0.1 * G).named(text, "m_t")  # LaTeX strings have their own allowlist
     return Spec(
-        name=text,
+        name="hostile",
         title=text,
-        hyperparameters=(Hyperparameter(hyper_name, 0.1, symbol=text, latex=text, doc=text, what=text),),
-        states=(StateDecl(state_name, text, text, doc=text),),
+        hyperparameters=(Hyperparameter(hyper_name, 0.1, symbol=text, doc=text, what=text),),
+        states=(StateDecl(state_name, text, doc=text),),
         updates=((state_name, m_t),),
         param_update=P - hyper(hyper_name) * m_t / (sqrt(m_t * m_t) + 1.0),
         references=(text,),
@@ -201,11 +203,17 @@ def test_hostile_spec_strings_never_become_onnx_names() -> None:
     assert spec_from_json({p.key: p.value for p in model.metadata_props}["portopt.spec"]) == spec  # data, kept as data
 
 
+def test_names_that_are_not_identifiers_never_reach_the_exporter() -> None:
+    """A state or hyperparameter name that could not name an ONNX input is refused when the spec is built."""
+    with pytest.raises(SpecError, match="is not a name"):
+        _spec_with_strings("s", state_name=HOSTILE)
+    with pytest.raises(SpecError, match="'lr rate' is not a name"):
+        _spec_with_strings("s", hyper_name="lr rate")
+
+
 @pytest.mark.parametrize(
     ("state_name", "hyper_name", "message"),
     [
-        (HOSTILE, "lr", "state name .* cannot name an ONNX input"),
-        ("m", "lr rate", "hyperparameter name 'lr rate' cannot name an ONNX input"),
         ("m", "param", "would use the name 'param' twice"),
         ("m", "m_out", "would use the name 'm_out' twice"),
         ("m", "m", "would use the name 'm' twice"),
