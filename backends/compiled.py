@@ -41,6 +41,9 @@ computed nodes, or would unfold to more than :data:`MAX_INLINED` (see
 ``"auto"`` takes the generic backend, and naming ``"compiled"`` raises with the reason. The
 library's largest spec has 34 nodes and unfolds to 54.
 
+A spec that reads the tensor's shape or dtype (``numel``, ``finfo``, a state layout chosen per rank:
+Adafactor, CAME) is not served yet (``unsupported_reason``): ``"auto"`` takes the generic backend.
+
 Tensors the compiled graph does not take (fewer than 2 elements, non-contiguous, a
 factored dimension of 1, a device without a compiler) run the same generated function
 uncompiled: same arithmetic, same rounding, more memory traffic.
@@ -63,7 +66,7 @@ import torch
 from torch import Tensor
 
 from portopt.backends.torch_generic import TorchStep, build_graph_step
-from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
+from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction, with_inputs
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.codegen import (
     KernelFunction,
@@ -75,6 +78,7 @@ from portopt.lowering.codegen import (
     scalar_tensor,
 )
 from portopt.lowering.registry import register_backend
+from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
 from portopt.spec.symbols import Layout
 
@@ -319,6 +323,7 @@ class CompiledStep:
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
     ) -> None:
         check_step_inputs(self.spec, params, grads, states, hypers)
+        hypers = with_inputs(self.spec, hypers)
         with torch.no_grad():
             items = [self._prepare(p, g, s, hypers) for p, g, s in zip(params, grads, states, strict=True)]
             scalars: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}
@@ -379,7 +384,13 @@ class CompiledStep:
 
 
 def unsupported_reason(spec: Spec) -> str | None:
-    """``None`` if this backend compiles ``spec``'s kernel, else why not (too large: module doc)."""
+    """``None`` if this backend compiles ``spec``'s kernel, else why not (too large, or it reads the tensor's
+    shape: module doc)."""
+    if spec.shape_dependent or any(spec.kind(n) is Kind.SHAPE for n in spec.node_kinds):
+        return (
+            f"{spec.name}: it reads the tensor's shape or dtype (numel, ndim, size, finfo or a layout chosen per "
+            "rank), which the compiled kernel does not take yet; use backend='torch'"
+        )
     lines, inlined = kernel_size(spec)
     if lines > MAX_KERNEL_NODES:
         return (

@@ -33,7 +33,7 @@ POLICIES = {  # every 8-bit preset, and 8-bit moments named one by one; min_8bit
 SPIKES = (1e20, 1e25, 1e30, 1e38, "max")
 NUMEL = 4 * BLOCK_SIZE
 AT = 2 * BLOCK_SIZE + 17  # the spike's element
-COUPLED = ("lamb",)  # a per-tensor norm (the trust ratio) couples every element to the spike
+COUPLED = ("lamb", "adafactor", "came")  # per-tensor norms (the trust ratio, RMS clipping) couple every element
 
 
 def _run(name: str, policy: str, dtype: torch.dtype, spike: float | None, steps: int = 3) -> torch.Tensor:

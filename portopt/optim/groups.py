@@ -26,8 +26,14 @@ def spec_defaults(spec: Spec) -> dict[str, Any]:
         if members[0].group_index is None:
             defaults[key] = members[0].default
         else:
-            defaults[key] = tuple(h.default for h in sorted(members, key=_index))
+            defaults[key] = indexed_tuple({_index(h): h.default for h in members})
     return defaults
+
+
+def indexed_tuple(entries: Mapping[int, Any]) -> tuple[Any, ...]:
+    """``{1: 1e-3}`` -> ``(None, 1e-3)``: a tuple entry no hyperparameter reads stays ``None`` (torch's
+    Adafactor's ``eps=(None, 1e-3)``, whose ``None`` means the dtype's machine epsilon)."""
+    return tuple(entries.get(i) for i in range(max(entries, default=-1) + 1))
 
 
 def fold_names(spec: Spec, values: MutableMapping[str, Any], base: Mapping[str, Any]) -> None:
