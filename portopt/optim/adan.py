@@ -22,7 +22,8 @@ class Adan(NamedOptimizer):
     Arguments as the reference: ``lr``, ``betas`` (three), ``eps``, ``weight_decay``, ``max_grad_norm``
     (> 0: gradients scaled by ``min(max_grad_norm / (‖g‖ + eps), 1)``, ``‖g‖`` the norm of every
     gradient of every group and ``eps`` the last group's, as the reference reads them), ``no_prox``
-    (how weight decay is applied), ``maximize``; ``foreach`` is recorded. The reference counts the bias
+    (how weight decay is applied), ``maximize``; ``foreach`` as torch.optim's (``None``, the default: the
+    backend decides; sail-sg's default ``True`` would pin the foreach lowering, so it is not copied). The reference counts the bias
     correction's ``t`` per param group; portopt per parameter (the same where every parameter has a
     gradient at every step).
     """
@@ -39,7 +40,7 @@ class Adan(NamedOptimizer):
         weight_decay: float = 0.0,
         max_grad_norm: float = 0.0,
         no_prox: bool = False,
-        foreach: bool = True,
+        foreach: bool | None = None,
         *,
         maximize: bool = False,
         backend: str = "auto",
