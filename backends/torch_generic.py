@@ -170,17 +170,15 @@ class _Runner:
                 self.values[leaf] = self.load(b.grads)
             else:
                 self.values[leaf] = self.load(storage[str(leaf.value)])
-        mesh = MeshReductions.of(b.params, program.kinds)  # sharded pieces: reductions over the logical tensor
-        for instr in program.instrs:
-            if mesh is not None and mesh.waits_for(instr):
-                mesh.finish(self.values)
-            if mesh is None or not mesh.start(instr, self.values):
+        mesh = MeshReductions.of(b.params, program.kinds)
+        if mesh is not None:  # sharded pieces: reductions of the logical tensor, completed over the mesh
+            mesh.run(program.instrs, self.values, self.execute)
+        else:
+            for instr in program.instrs:
                 self.values[instr.node] = self.execute(instr)
-            for done in instr.release:
-                if done is not instr.node:
-                    self.values.pop(done, None)
-        if mesh is not None:
-            mesh.finish(self.values)
+                for done in instr.release:
+                    if done is not instr.node:
+                        self.values.pop(done, None)
         self.commit(program, storage)
 
     def arg(self, node: Expr, host: bool) -> Value:

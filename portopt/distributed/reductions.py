@@ -22,7 +22,7 @@ and HCCL (Ascend).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,17 +71,64 @@ class MeshReductions:
             return None
         return cls(layouts, kinds)
 
-    def waits_for(self, instr: Instr) -> bool:
-        """Whether ``instr`` reads a reduced value not combined yet."""
-        return any(o in self.pending for o in instr.operands)
+    def run(
+        self,
+        instrs: Sequence[Instr],
+        values: dict[Expr, list[Tensor]],
+        execute: Callable[[Instr], list[Tensor]],
+    ) -> None:
+        """Execute a program with reductions over the mesh, batching as many as the data flow allows.
+
+        A reduction is started (its partials computed) where it stands; an instruction that reads a value
+        still waiting is *deferred* when its result is smaller than element-wise (per tensor, per slice, per
+        row or column: LAMB's ``‖p‖ > 0`` and ``‖p‖/‖u‖``, Adafactor's new column factor), so that later
+        reductions join the same collective. The first element-wise reader or reduction of a waiting value,
+        or an instruction that would overwrite a buffer a deferred one reads, combines everything waiting
+        (:meth:`finish`) and runs the deferred instructions in their order: the program's data flow, and so
+        its arithmetic, is unchanged.
+        """
+        deferred: list[Instr] = []
+        held: set[Expr] = set()  # operands of deferred instructions: not released, not overwritten yet
+        late_release: list[Expr] = []
+
+        def flush() -> None:
+            self.finish(values)
+            for waiting in deferred:
+                values[waiting.node] = execute(waiting)
+            deferred.clear()
+            held.clear()
+            for done in late_release:
+                values.pop(done, None)
+            late_release.clear()
+
+        for instr in instrs:
+            waits = any(o in self.pending or any(o is d.node for d in deferred) for o in instr.operands)
+            overwrites = instr.inplace is not None and instr.operands[instr.inplace] in held
+            small = self.kinds[instr.node].kind < Kind.ELEMENT and not _is_reduction(instr)
+            if waits and small and not overwrites:
+                deferred.append(instr)
+                held.update(instr.operands)
+                late_release.extend(d for d in instr.release if d is not instr.node)
+                continue
+            if waits or overwrites:
+                flush()
+            if not self.start(instr, values):
+                values[instr.node] = execute(instr)
+            for done in instr.release:
+                if done is instr.node:
+                    continue
+                if done in held:
+                    late_release.append(done)
+                else:
+                    values.pop(done, None)
+        flush()
 
     def start(self, instr: Instr, values: Mapping[Expr, list[Tensor]]) -> bool:
         """Take a reduction instruction whose operand is cut across ranks on some tensor: compute the local
         results of the whole tensors and the partials of the cut ones. ``False``: not such an instruction
         (the caller runs it as in one process)."""
         node = instr.node
-        family = OP_INFO[node.op].family
-        if instr.form != "op" or family not in (Family.REDUCE, Family.AXIS_REDUCE):
+        if not _is_reduction(instr):
             return False
         kind = self.kinds[instr.operands[0]].kind
         operand = values[instr.operands[0]]
@@ -152,6 +199,10 @@ class MeshReductions:
         if op in ROW_REDUCTIONS or op in COL_REDUCTIONS:
             return layout.logical_size(kind, self._reduced_dims(layout, op))
         return layout.logical_size(kind)
+
+
+def _is_reduction(instr: Instr) -> bool:
+    return instr.form == "op" and OP_INFO[instr.node.op].family in (Family.REDUCE, Family.AXIS_REDUCE)
 
 
 def _local_partial(op: Op, x: Tensor, dims: tuple[int, ...]) -> Tensor:
