@@ -132,7 +132,9 @@ class PolicyStep(TorchStep):
         ``param_dtype`` (default: ``param``'s), and ``step`` = 0."""
         model_dtype = param_dtype or param.dtype
         formats = {
-            d.name: state_format(self.policy, d, logical_shape(param), model_dtype, nonnegative=d.name in self.nonnegative)
+            d.name: state_format(
+                self.policy, d, logical_shape(param), model_dtype, nonnegative=d.name in self.nonnegative
+            )
             for d in self.variant(param).states
         }
         compute = self.policy.compute_dtype_for(model_dtype)

@@ -25,8 +25,15 @@ SHAPES = [[12, 8], [8], [7, 5], [2, 6, 4]]
 
 
 def _case(case_id: str, optimizer: str, dim: int, hypers: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"id": case_id, "optimizer": optimizer, "hypers": hypers, "shard_dim": dim, "steps": 8,
-            "shapes": SHAPES, **extra}
+    return {
+        "id": case_id,
+        "optimizer": optimizer,
+        "hypers": hypers,
+        "shard_dim": dim,
+        "steps": 8,
+        "shapes": SHAPES,
+        **extra,
+    }
 
 
 FSDP_CASES = [
@@ -38,30 +45,55 @@ FSDP_CASES = [
     _case("adafactor-shard1", "Adafactor", 1, {"lr": 0.01}, torch="Adafactor"),
     # 16 x 256 = 4096 elements: 8-bit by the logical size (min_8bit_size), though each rank holds 2048;
     # each rank's 8 rows are 8 whole blocks of 256
-    {"id": "adamw-q8-shard0", "optimizer": "AdamW", "hypers": {"lr": 0.01, "weight_decay": 0.1},
-     "precision": "q8-states", "shard_dim": 0, "steps": 8, "shapes": [[16, 256], [8], [3, 5]]},
+    {
+        "id": "adamw-q8-shard0",
+        "optimizer": "AdamW",
+        "hypers": {"lr": 0.01, "weight_decay": 0.1},
+        "precision": "q8-states",
+        "shard_dim": 0,
+        "steps": 8,
+        "shapes": [[16, 256], [8], [3, 5]],
+    },
     # 7 x 600: rank 0 holds 4 rows = 2400 elements, not whole blocks of 256: refused, nothing written
-    {"id": "adamw-q8-misaligned", "optimizer": "AdamW", "hypers": {"lr": 0.01}, "precision": "q8-states",
-     "shard_dim": 0, "steps": 1, "shapes": [[7, 600]], "expect_error": "ShardingError"},
+    {
+        "id": "adamw-q8-misaligned",
+        "optimizer": "AdamW",
+        "hypers": {"lr": 0.01},
+        "precision": "q8-states",
+        "shard_dim": 0,
+        "steps": 1,
+        "shapes": [[7, 600]],
+        "expect_error": "ShardingError",
+    },
     # the compiled backend's LAMB kernel reduces inside the kernel: refused for sharded pieces
     _case("lamb-compiled-refused", "LAMB", 0, {"lr": 0.01}, backend="compiled", expect_error="ShardingError"),
 ]
 ZERO_CASES = [
-    {"id": "zero-adamw", "optimizer": "AdamW", "hypers": {"lr": 0.01, "weight_decay": 0.1}, "steps": 8,
-     "shapes": SHAPES, "torch": "AdamW"},
-    {"id": "zero-lamb", "optimizer": "LAMB", "hypers": {"lr": 0.01, "weight_decay": 0.1}, "steps": 8,
-     "shapes": SHAPES},
+    {
+        "id": "zero-adamw",
+        "optimizer": "AdamW",
+        "hypers": {"lr": 0.01, "weight_decay": 0.1},
+        "steps": 8,
+        "shapes": SHAPES,
+        "torch": "AdamW",
+    },
+    {"id": "zero-lamb", "optimizer": "LAMB", "hypers": {"lr": 0.01, "weight_decay": 0.1}, "steps": 8, "shapes": SHAPES},
 ]
-DCP_CASE = _case("dcp-lamb", "LAMB", 0, {"lr": 0.01, "weight_decay": 0.1})
+DCP_CASES = [
+    _case("dcp-lamb-shard0", "LAMB", 0, {"lr": 0.01, "weight_decay": 0.1}),
+    _case("dcp-adafactor-shard1", "Adafactor", 1, {"lr": 0.01}),  # row factors resharded, column factors replicated
+]
 SAVED_AT = 4
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    path = str(tmp_path_factory.mktemp("dcp"))
-    payload = {"fsdp": FSDP_CASES, "zero": ZERO_CASES, "dcp": {"case": DCP_CASE, "saved_at": SAVED_AT, "path": path}}
+    saves: list[dict[str, Any]] = [
+        {"case": c, "saved_at": SAVED_AT, "path": str(tmp_path_factory.mktemp(c["id"]))} for c in DCP_CASES
+    ]
+    payload = {"fsdp": FSDP_CASES, "zero": ZERO_CASES, "dcp": saves}
     results = run_ranks("portopt.distributed.parity:suite", 2, payload)[0]
-    results["dcp_path"] = path
+    results["dcp_paths"] = {s["case"]["id"]: s["path"] for s in saves}
     return results
 
 
@@ -71,7 +103,9 @@ def _by_id(rows: list[dict[str, Any]], case_id: str) -> dict[str, Any]:
 
 def _within(report: dict[str, Any], key: str) -> None:
     figures = report[key]
-    assert figures["excess"] <= 0.0, f"{report['id']}: {key} differ by {figures['error']:.3g} (beyond float32 tolerance)"
+    assert figures["excess"] <= 0.0, (
+        f"{report['id']}: {key} differ by {figures['error']:.3g} (beyond float32 tolerance)"
+    )
 
 
 @pytest.mark.parametrize("case", [c for c in FSDP_CASES if "expect_error" not in c], ids=lambda c: c["id"])
@@ -111,8 +145,9 @@ def test_zero1_equals_one_process(runs: dict[str, Any], case: dict[str, Any]) ->
         _within(report, "torch")
 
 
-def test_dcp_saved_on_two_ranks_resumes_on_one(runs: dict[str, Any]) -> None:
-    report = parity.dcp_resume(DCP_CASE, runs["dcp_path"], SAVED_AT)
+@pytest.mark.parametrize("case", DCP_CASES, ids=lambda c: c["id"])
+def test_dcp_saved_on_two_ranks_resumes_on_one(runs: dict[str, Any], case: dict[str, Any]) -> None:
+    report = parity.dcp_resume(case, runs["dcp_paths"][case["id"]], SAVED_AT)
     # the dummy step of set_state_dict (zero gradients, lr = 0) moved nothing, and its step was overwritten
     assert report["steps_after_load"] == [float(SAVED_AT)] * len(SHAPES)
     _within(report, "loaded")

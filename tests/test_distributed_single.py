@@ -50,14 +50,24 @@ def _sharded(mesh: Any, shapes: list[tuple[int, ...]], dim: int) -> tuple[list[t
 
 def _count_gathers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    original = dist.all_gather_into_tensor
+    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    original = getattr(dist, name)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(dist, "all_gather_into_tensor", counted)
+    monkeypatch.setattr(dist, name, counted)
+    for other in ("all_reduce", "all_gather", "broadcast", "reduce_scatter_tensor"):
+        monkeypatch.setattr(dist, other, _forbidden(other))
     return calls
+
+
+def _forbidden(name: str) -> Any:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"the step issued a {name}: only the batched all-gather is expected")
+
+    return refuse
 
 
 @pytest.mark.parametrize(
@@ -106,7 +116,8 @@ def test_explicit_compiled_backend_is_refused_for_a_reducing_spec(mesh: Any) -> 
     before = params[0].full_tensor().clone()
     with pytest.raises(ShardingError, match="backend 'compiled' cannot step sharded"):
         opt.step()
-    assert torch.equal(params[0].full_tensor(), before) and not opt.state
+    assert torch.equal(params[0].full_tensor(), before)
+    assert not opt.state
 
 
 def test_element_wise_spec_runs_on_any_backend_on_local_pieces(mesh: Any) -> None:
@@ -130,8 +141,12 @@ def test_states_are_dtensors_placed_like_their_parameter(mesh: Any) -> None:
     opt.step()
     state = opt.state[params[0]]
     rows, cols = state["row_var"], state["col_var"]
-    assert isinstance(rows, DTensor) and rows.shape == (6, 1) and rows.placements == (Shard(0),)
-    assert isinstance(cols, DTensor) and cols.shape == (1, 4) and cols.placements == (Replicate(),)
+    assert isinstance(rows, DTensor)
+    assert rows.shape == (6, 1)
+    assert rows.placements == (Shard(0),)
+    assert isinstance(cols, DTensor)
+    assert cols.shape == (1, 4)
+    assert cols.placements == (Replicate(),)
     assert not isinstance(state["step"], DTensor)  # on the host, as torch.optim keeps it under FSDP2
 
 

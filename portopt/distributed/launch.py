@@ -4,7 +4,7 @@ For tests and the distributed conformance mode: ``run_ranks("pkg.mod:fn", 2, pay
 processes, joins them through a file store in a private temporary folder (no port to collide with), calls
 ``fn(rank, world_size, payload)`` on each, and returns what each returned (JSON values: results cross
 processes as text, never as pickles). A rank that raises makes the whole run raise
-:class:`RankFailure` with that rank's traceback. The backend is ``gloo`` here; on a machine with
+:class:`RankError` with that rank's traceback. The backend is ``gloo`` here; on a machine with
 accelerators, ``backend="nccl"`` (CUDA) or ``"hccl"`` (Ascend, with torch_npu) runs the same functions.
 """
 
@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-class RankFailure(RuntimeError):
+class RankError(RuntimeError):
     """A rank of :func:`run_ranks` raised; the message carries its traceback."""
 
 
@@ -40,26 +40,31 @@ def run_ranks(
     with tempfile.TemporaryDirectory(prefix="portopt-ranks-") as folder:
         text = json.dumps(payload)
         mp.start_processes(
-            _rank_main, args=(world_size, backend, folder, target, text, timeout_s), nprocs=world_size, join=True,
+            _rank_main,
+            args=(world_size, backend, folder, target, text, timeout_s),
+            nprocs=world_size,
+            join=True,
             start_method="spawn",
         )
         results = []
         for rank in range(world_size):
             data = json.loads(Path(folder, f"rank{rank}.json").read_text())
             if "error" in data:
-                raise RankFailure(f"rank {rank} of {world_size} failed in {target}:\n{data['error']}")
+                raise RankError(f"rank {rank} of {world_size} failed in {target}:\n{data['error']}")
             results.append(data["result"])
         return results
 
 
-def _rank_main(
-    rank: int, world_size: int, backend: str, folder: str, target: str, text: str, timeout_s: float
-) -> None:
+def _rank_main(rank: int, world_size: int, backend: str, folder: str, target: str, text: str, timeout_s: float) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = Path(folder, f"rank{rank}.json")
     store = Path(folder, "store")
     try:
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{store}",
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
         module, _, name = target.partition(":")

@@ -79,9 +79,7 @@ class ShardLayout:
             dim = placement.dim % max(len(shape), 1)
             groups.setdefault(dim, []).append(tensor.device_mesh.get_group(mesh_dim))
         _, offset = compute_local_shape_and_global_offset(shape, tensor.device_mesh, placements)
-        return cls(
-            tensor.device_mesh, placements, shape, tuple(offset), {d: tuple(g) for d, g in groups.items()}
-        )
+        return cls(tensor.device_mesh, placements, shape, tuple(offset), {d: tuple(g) for d, g in groups.items()})
 
     @property
     def ndim(self) -> int:

@@ -4,8 +4,16 @@ Each check runs on every rank of a process group (:func:`~portopt.distributed.la
 rank 0, the same optimizer in one process on the whole tensors (and torch.optim's where it has the
 algorithm): the independent truth. A case is a JSON dict::
 
-    {"id": "lamb-shard0", "optimizer": "LAMB", "hypers": {"lr": 0.01}, "precision": null,
-     "shard_dim": 0, "steps": 8, "shapes": [[12, 8], [8], [7, 5]], "torch": null}
+    {
+        "id": "lamb-shard0",
+        "optimizer": "LAMB",
+        "hypers": {"lr": 0.01},
+        "precision": null,
+        "shard_dim": 0,
+        "steps": 8,
+        "shapes": [[12, 8], [8], [7, 5]],
+        "torch": null,
+    }
 
 ``optimizer`` names a class of :mod:`portopt` (``torch``: one of :mod:`torch.optim`). Gradients are a
 fixed stream (seeded per step and tensor), placed on the mesh like their parameter. Results are the
@@ -38,18 +46,20 @@ def gradient(step: int, index: int, shape: Sequence[int], seed: int = 0) -> Tens
     return torch.randn(tuple(shape), generator=gen)
 
 
-def make_optimizer(case: dict[str, Any], params: list[Tensor], which: str = "optimizer") -> torch.optim.Optimizer:
+def make_optimizer(case: dict[str, Any], params: list[Any], which: str = "optimizer") -> torch.optim.Optimizer:
     """The optimizer of ``case`` (``which``: ``"optimizer"``, portopt's; ``"torch"``, torch.optim's)."""
     import portopt
 
     hypers = dict(case.get("hypers", {}))
-    if which == "torch":
-        return getattr(torch.optim, case["torch"])(params, **hypers)
-    if case.get("precision"):
-        hypers["precision"] = case["precision"]
-    if "backend" in case:
-        hypers["backend"] = case["backend"]
-    return getattr(portopt, case["optimizer"])(params, **hypers)
+    cls: type[torch.optim.Optimizer] = (
+        getattr(torch.optim, case["torch"]) if which == "torch" else getattr(portopt, case["optimizer"])
+    )
+    if which != "torch":
+        if case.get("precision"):
+            hypers["precision"] = case["precision"]
+        if "backend" in case:
+            hypers["backend"] = case["backend"]
+    return cls(params, **hypers)
 
 
 def one_process(case: dict[str, Any], which: str = "optimizer", with_storage: bool = False) -> Any:
@@ -78,7 +88,11 @@ def _tensor_states(state: dict[str, Any], param: Tensor | None = None) -> dict[s
             loaded = value.load()
             if isinstance(param, DTensor):
                 loaded = DTensor.from_local(
-                    loaded, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                    loaded,
+                    param.device_mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=param.shape,
                     stride=param.stride(),
                 ).full_tensor()
             out[name] = loaded
@@ -145,7 +159,7 @@ def fsdp(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[dict[s
         dim = int(case.get("shard_dim", 0))
         module = _module(initial_params(case["shapes"]))
         fully_shard(module, mesh=mesh, shard_placement_fn=functools.partial(_placement, dim, world_size))
-        params = list(module.parameters())
+        params: list[Any] = list(module.parameters())
         opt = make_optimizer(case, params)
         if "expect_error" in case:
             reports.append(_refused(case, opt, params, mesh) if rank == 0 else {})
@@ -185,22 +199,24 @@ def _refused(case: dict[str, Any], opt: torch.optim.Optimizer, params: list[Any]
 
 
 def suite(rank: int, world_size: int, payload: dict[str, Any]) -> dict[str, Any]:
-    """``fsdp``, ``zero`` and ``dcp_save`` of one payload in one process group (one start-up for all)."""
+    """``fsdp``, ``zero`` and ``dcp_save`` (a list of saves) of one payload in one process group (one start-up
+    for all)."""
     out: dict[str, Any] = {"world_size": world_size}
     if payload.get("fsdp"):
         out["fsdp"] = fsdp(rank, world_size, payload["fsdp"])
     if payload.get("zero"):
         out["zero"] = zero(rank, world_size, payload["zero"])
     if payload.get("dcp"):
-        out["dcp"] = dcp_save(rank, world_size, payload["dcp"])
+        out["dcp"] = [dcp_save(rank, world_size, save) for save in payload["dcp"]]
     return out
 
 
 def zero(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each case stepped under ZeRO-1 (``ZeroRedundancyOptimizer(optimizer_class=...)``: each rank steps
     whole tensors of its partition and broadcasts them); on rank 0, the comparison with one process."""
-    import portopt
     from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import portopt
 
     reports = []
     for case in cases:
@@ -236,7 +252,7 @@ def dcp_save(rank: int, world_size: int, payload: dict[str, Any]) -> dict[str, A
     mesh = init_device_mesh("cpu", (world_size,))
     module = _module(initial_params(case["shapes"]))
     fully_shard(module, mesh=mesh, shard_placement_fn=functools.partial(_placement, dim, world_size))
-    params = list(module.parameters())
+    params: list[Any] = list(module.parameters())
     opt = make_optimizer(case, params)
     for step in range(payload["saved_at"]):
         for i, p in enumerate(params):
@@ -256,10 +272,10 @@ def dcp_resume(case: dict[str, Any], path: str, saved_at: int) -> dict[str, Any]
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     module = _module([torch.zeros(tuple(s)) for s in case["shapes"]])
-    params = list(module.parameters())
+    params: list[Any] = list(module.parameters())
     opt = make_optimizer(case, params)
     model_sd, optim_sd = get_state_dict(module, opt)
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     after_load = [float(opt.state[p]["step"]) for p in params]

@@ -7,7 +7,7 @@ an RMS update clip) is computed in two parts:
 1. **partial**, on each rank, over its local piece: ``Σx`` (``sum``, ``mean``, ``row_sum``, ...), ``Σx²``
    (``norm``), ``max`` (``max_abs``, ``row_max``, ...; the identity ``−∞`` over an empty piece);
 2. **combine**, once the value is needed: every partial waiting in the bucket, of every tensor and every
-   reduction node, is gathered in **one** ``all_gather_into_tensor`` per process group, and each rank
+   reduction node, is gathered in **one** all-gather (``all_gather_single``) per process group, and each rank
    combines the gathered rows in rank order (a sum or a maximum), then finishes: ``√`` for a norm,
    ``/ n`` for a mean with ``n`` the *logical* number of reduced elements.
 
@@ -170,7 +170,7 @@ class MeshReductions:
         flat = torch.cat([c.reshape(-1) for c in current])
         size = dist.get_world_size(group)
         gathered = flat.new_empty((size * flat.numel(),))
-        dist.all_gather_into_tensor(gathered, flat, group=group)
+        _all_gather(gathered, flat, group=group)
         self.collectives += 1
         rows = gathered.view(size, flat.numel())
         out: list[Tensor] = []
@@ -199,6 +199,12 @@ class MeshReductions:
         if op in ROW_REDUCTIONS or op in COL_REDUCTIONS:
             return layout.logical_size(kind, self._reduced_dims(layout, op))
         return layout.logical_size(kind)
+
+
+def _all_gather(output: Tensor, value: Tensor, group: ProcessGroup) -> None:
+    """``all_gather_single`` (torch >= 2.13), else its older name ``all_gather_into_tensor``."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, value, group=group)
 
 
 def _is_reduction(instr: Instr) -> bool:
