@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from portopt.conformance.candidates import Instance, Setup, front_end_reason
-from portopt.conformance.cases import FOUND_INF, Case
+from portopt.conformance.cases import Case
 from portopt.conformance.precision import Precision
 from portopt.spec.definition import Spec
 
@@ -42,8 +42,6 @@ class ShardedImplementation:
     def unavailable_reason(self, case: Case, spec: Spec, precision: Precision, device: str) -> str | None:
         if device != "cpu":
             return "the distributed mode runs gloo ranks on the CPU here"
-        if case.requires == FOUND_INF:
-            return "skip_nonfinite decides on each rank's local gradients (not agreed over the mesh yet)"
         if precision.needs_policy:
             return "the distributed mode runs precisions without a precision policy (8-bit blocks need aligned shards)"
         return front_end_reason(case, precision)
@@ -90,7 +88,7 @@ class ShardedInstance:
         index = {id(p): i for i, p in enumerate(setup.params)}
         for group in setup.param_groups():
             groups.append({**group, "params": [self.sharded[index[id(p)]] for p in group["params"]]})
-        self.optimizer = portopt.Optimizer(groups, setup.spec, backend=backend)
+        self.optimizer = portopt.Optimizer(groups, setup.spec, backend=backend, skip_nonfinite=setup.skip_nonfinite)
 
     def step(self, grads: Sequence[Tensor | None]) -> None:
         from torch.distributed.tensor import DTensor

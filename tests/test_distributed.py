@@ -65,6 +65,8 @@ FSDP_CASES = [
         "shapes": [[7, 600]],
         "expect_error": "ShardingError",
     },
+    # an inf in rank 1's rows only at step 3: every rank skips that step (the decision is agreed over the mesh)
+    _case("lamb-skip-nonfinite", "LAMB", 0, {"lr": 0.01, "skip_nonfinite": True}, inf_at=[[3, 0, 95]]),
     # the compiled backend's LAMB kernel reduces inside the kernel: refused for sharded pieces
     _case("lamb-compiled-refused", "LAMB", 0, {"lr": 0.01}, backend="compiled", expect_error="ShardingError"),
 ]

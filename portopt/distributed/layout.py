@@ -197,6 +197,24 @@ def check_sharded_mode(spec: Spec, backend: Backend | str, mode: Mode) -> None:
         )
 
 
+def agreed(flag: bool, pieces: Sequence[Tensor]) -> bool:
+    """``flag`` or'ed over every process group that cuts one of ``pieces`` (the local pieces of one step):
+    what ``skip_nonfinite`` decides from each rank's own gradients, agreed so that every rank skips or
+    steps together. One all-reduce per distinct group; nothing for ordinary tensors."""
+    groups: dict[int, tuple[ProcessGroup, torch.device]] = {}
+    for piece in pieces:
+        layout = layout_of(piece)
+        if layout is not None:
+            for cut in layout.groups.values():
+                for group in cut:
+                    groups.setdefault(id(group), (group, piece.device))
+    for group, device in groups.values():
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+        flag = bool(value.item())
+    return flag
+
+
 def is_distributed(params: Sequence[Tensor]) -> bool:
     """Whether any of ``params`` is a DTensor."""
     return any(isinstance(p, DTensor) for p in params)

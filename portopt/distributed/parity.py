@@ -46,6 +46,15 @@ def gradient(step: int, index: int, shape: Sequence[int], seed: int = 0) -> Tens
     return torch.randn(tuple(shape), generator=gen)
 
 
+def case_gradient(case: dict[str, Any], step: int, index: int, shape: Sequence[int]) -> Tensor:
+    """:func:`gradient`, with ``inf`` at the places ``case["inf_at"]`` lists (``[step, tensor, flat index]``)."""
+    grad = gradient(step, index, shape)
+    for at_step, at_tensor, at_element in case.get("inf_at", ()):
+        if (at_step, at_tensor) == (step, index):
+            grad.view(-1)[at_element] = float("inf")
+    return grad
+
+
 def make_optimizer(case: dict[str, Any], params: list[Any], which: str = "optimizer") -> torch.optim.Optimizer:
     """The optimizer of ``case`` (``which``: ``"optimizer"``, portopt's; ``"torch"``, torch.optim's)."""
     import portopt
@@ -69,7 +78,7 @@ def one_process(case: dict[str, Any], which: str = "optimizer", with_storage: bo
     opt = make_optimizer(case, params, which)
     for step in range(case["steps"]):
         for i, p in enumerate(params):
-            p.grad = gradient(step, i, p.shape)
+            p.grad = case_gradient(case, step, i, p.shape)
         opt.step()
     result = [p.detach() for p in params], [_tensor_states(opt.state[p]) for p in params]
     return (*result, [storage(opt.state[p]) for p in params]) if with_storage else result
@@ -168,7 +177,7 @@ def fsdp(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[dict[s
             continue
         for step in range(case["steps"]):
             for i, p in enumerate(params):
-                p.grad = distribute_tensor(gradient(step, i, p.shape), mesh, p.placements)
+                p.grad = distribute_tensor(case_gradient(case, step, i, p.shape), mesh, p.placements)
             opt.step()
         full = [p.full_tensor().detach() for p in params]
         states = [_tensor_states(opt.state[p], p) for p in params]
@@ -187,7 +196,7 @@ def _refused(case: dict[str, Any], opt: torch.optim.Optimizer, params: list[Any]
 
     before = [p.full_tensor().detach().clone() for p in params]
     for i, p in enumerate(params):
-        p.grad = distribute_tensor(gradient(0, i, p.shape), mesh, p.placements)
+        p.grad = distribute_tensor(case_gradient(case, 0, i, p.shape), mesh, p.placements)
     try:
         opt.step()
     except Exception as exc:  # reported to the test, which checks the type and the message
@@ -227,7 +236,7 @@ def zero(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[dict[s
         opt = ZeroRedundancyOptimizer(params, optimizer_class=getattr(portopt, case["optimizer"]), **hypers)
         for step in range(case["steps"]):
             for i, p in enumerate(params):
-                p.grad = gradient(step, i, p.shape)
+                p.grad = case_gradient(case, step, i, p.shape)
             opt.step()
         if rank == 0:
             truth, _ = one_process(case)
@@ -256,7 +265,7 @@ def dcp_save(rank: int, world_size: int, payload: dict[str, Any]) -> dict[str, A
     opt = make_optimizer(case, params)
     for step in range(payload["saved_at"]):
         for i, p in enumerate(params):
-            p.grad = distribute_tensor(gradient(step, i, p.shape), mesh, p.placements)
+            p.grad = distribute_tensor(case_gradient(case, step, i, p.shape), mesh, p.placements)
         opt.step()
     model_sd, optim_sd = get_state_dict(module, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=payload["path"])
@@ -282,7 +291,7 @@ def dcp_resume(case: dict[str, Any], path: str, saved_at: int) -> dict[str, Any]
     loaded = [p.detach().clone() for p in params]
     for step in range(saved_at, case["steps"]):
         for i, p in enumerate(params):
-            p.grad = gradient(step, i, p.shape)
+            p.grad = case_gradient(case, step, i, p.shape)
         opt.step()
     partial = dict(case, steps=saved_at)
     truth_at_save, _ = one_process(partial)

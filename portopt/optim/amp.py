@@ -166,7 +166,11 @@ def should_skip(work: Sequence[GroupStep], scaling: LossScaling) -> bool:
     if scaling.found_inf_set():
         return True
     checked = [g for w in work if w.skip_nonfinite for g in w.grads]
-    return bool(checked) and any_nonfinite(checked)
+    if not checked:
+        return False
+    from portopt.distributed.layout import agreed  # sharded pieces: every rank decides the same
+
+    return agreed(any_nonfinite(checked), [p for w in work if w.skip_nonfinite for p in w.params])
 
 
 def unscale_gradients(grads: Sequence[Tensor], grad_scale: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
