@@ -155,3 +155,16 @@ def test_dcp_saved_on_two_ranks_resumes_on_one(runs: dict[str, Any], case: dict[
     _within(report, "loaded")
     _within(report, "params")
     _within(report, "states")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 4])
+@pytest.mark.parametrize("case", DCP_CASES, ids=lambda c: c["id"])
+def test_dcp_saved_on_two_ranks_resumes_under_fsdp2_on_another_world_size(
+    runs: dict[str, Any], case: dict[str, Any], world_size: int
+) -> None:
+    payload = {"case": case, "saved_at": SAVED_AT, "path": runs["dcp_paths"][case["id"]]}
+    report = run_ranks("portopt.distributed.parity:dcp_load", world_size, payload)[0]
+    assert report["steps_after_load"] == [float(SAVED_AT)] * len(SHAPES)
+    _within(report, "params")
+    _within(report, "states")

@@ -301,6 +301,39 @@ def dcp_resume(case: dict[str, Any], path: str, saved_at: int) -> dict[str, Any]
     return report
 
 
+def dcp_load(rank: int, world_size: int, payload: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint ``payload["path"]`` (saved by :func:`dcp_save`, on any world size) loaded under FSDP2 on
+    this world size, stepped on to the case's last step; on rank 0, the comparison with one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    case, saved_at = payload["case"], payload["saved_at"]
+    mesh = init_device_mesh("cpu", (world_size,))
+    module = _module([torch.zeros(tuple(s)) for s in case["shapes"]])
+    fully_shard(module, mesh=mesh, shard_placement_fn=functools.partial(_placement, case["shard_dim"], world_size))
+    params: list[Any] = list(module.parameters())
+    opt = make_optimizer(case, params)
+    model_sd, optim_sd = get_state_dict(module, opt)
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=payload["path"])
+    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    after_load = [float(opt.state[p]["step"]) for p in params]
+    for step in range(saved_at, case["steps"]):
+        for i, p in enumerate(params):
+            p.grad = distribute_tensor(case_gradient(case, step, i, p.shape), mesh, p.placements)
+        opt.step()
+    full = [p.full_tensor().detach() for p in params]
+    states = [_tensor_states(opt.state[p], p) for p in params]
+    if rank != 0:
+        return {}
+    report = _report(case, full, states)
+    report["steps_after_load"] = after_load
+    return report
+
+
 def _placement(dim: int, world_size: int, param: Tensor) -> Any:
     """``Shard(dim)`` where the tensor has that dimension and FSDP2 can cut it evenly (it shards only dim 0
     unevenly), else ``Shard(0)``."""
