@@ -6,8 +6,9 @@ runs the same cases in the same order, with the same float64 reference chain
 report. The implementation under test, :class:`ShardedImplementation`, is portopt's front end over
 DTensor parameters cut ``Shard(d)`` over the ranks (what FSDP2 hands an optimizer; ``d = 1`` where a
 tensor has a second dimension, else ``Shard(0)``; 0-d tensors replicated; uneven cuts and empty pieces
-included). The session compares, step by step, the gathered parameters, every state and the step
-counters with the reference, under the same tolerances as a one-process run.
+included), in every precision of the suite (master weights too: the float32 master copy is a DTensor
+placed like its parameter). The session compares, step by step, the gathered parameters, every state, the
+master copy and the step counters with the reference, under the same tolerances as a one-process run.
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ class ShardedImplementation:
     def unavailable_reason(self, case: Case, spec: Spec, precision: Precision, device: str) -> str | None:
         if device != "cpu":
             return "the distributed mode runs gloo ranks on the CPU here"
-        if precision.needs_policy:
-            return "the distributed mode runs precisions without a precision policy (8-bit blocks need aligned shards)"
         return front_end_reason(case, precision)
 
     def instantiate(self, setup: Setup) -> Instance:
@@ -88,7 +87,10 @@ class ShardedInstance:
         index = {id(p): i for i, p in enumerate(setup.params)}
         for group in setup.param_groups():
             groups.append({**group, "params": [self.sharded[index[id(p)]] for p in group["params"]]})
-        self.optimizer = portopt.Optimizer(groups, setup.spec, backend=backend, skip_nonfinite=setup.skip_nonfinite)
+        policy = setup.precision.policy if setup.precision.needs_policy else None
+        self.optimizer = portopt.Optimizer(
+            groups, setup.spec, backend=backend, skip_nonfinite=setup.skip_nonfinite, precision=policy
+        )
 
     def step(self, grads: Sequence[Tensor | None]) -> None:
         from torch.distributed.tensor import DTensor
@@ -132,6 +134,16 @@ class ShardedInstance:
                     old.to_local().copy_(_local(value.to(old.dtype), old))
                 elif isinstance(old, Tensor):
                     old.copy_(value.to(old.dtype))
+                elif value.dim() and tuple(value.shape) == tuple(self.sharded[index].shape):  # a master copy
+                    piece = self.sharded[index]
+                    state[key] = DTensor.from_local(
+                        _local(value, piece).contiguous().clone(),
+                        self.mesh,
+                        piece.placements,
+                        run_check=False,
+                        shape=piece.shape,
+                        stride=piece.stride(),
+                    )
                 else:
                     state[key] = value.clone()
 

@@ -125,6 +125,14 @@ def layout_of(tensor: object) -> ShardLayout | None:
     return getattr(tensor, _ATTRIBUTE, None)
 
 
+def carry_layout(piece: Tensor, other: Tensor) -> Tensor:
+    """``other`` (a tensor stepped in ``piece``'s place: its float32 master copy) with ``piece``'s layout."""
+    layout = layout_of(piece)
+    if layout is not None:
+        setattr(other, _ATTRIBUTE, layout)
+    return other
+
+
 def logical_facts(tensor: Tensor) -> TensorFacts:
     """The shape facts a spec reads for ``tensor``: its logical tensor's, for a local piece."""
     layout = layout_of(tensor)
