@@ -20,15 +20,12 @@ def _results(report_dir: Path) -> list[dict[str, object]]:
 
 
 def test_lamb_on_two_ranks_passes_against_the_reference(tmp_path: Path) -> None:
-    code = main(
-        ["--quick", "--algorithm", "lamb", "--precision", "fp32", "--distributed", "2", "--report-dir", str(tmp_path)]
-    )
-    assert code == 0
+    argv = ["--quick", "--algorithm", "lamb", "--precision", "fp32", "--precision", "fp16+master", "--distributed", "2"]
+    assert main([*argv, "--report-dir", str(tmp_path)]) == 0
     rows = _results(tmp_path)
-    names = {str(r["implementation"]) for r in rows}
-    assert names == {"portopt Shard(0) x2", "portopt Shard(1) x2"}
-    assert rows
-    assert all(r["status"] == "pass" for r in rows)
+    assert {str(r["implementation"]) for r in rows} == {"portopt Shard(0) x2", "portopt Shard(1) x2"}
+    assert {str(r["precision"]) for r in rows} == {"fp32", "fp16+master"}
+    assert rows and all(r["status"] == "pass" for r in rows)
 
 
 @pytest.mark.parametrize(

@@ -172,3 +172,12 @@ def test_dcp_dummy_step_moves_no_parameter_and_load_restores_the_step(name: str)
         assert torch.equal(p.detach(), b), f"{name}: the dummy step moved a parameter"
     opt.load_state_dict(trained.state_dict())
     assert [float(opt.state[p]["step"]) for p in params] == [3.0, 3.0]
+
+
+def test_8bit_states_of_sharded_pieces_are_not_checkpointed_silently(mesh: Any) -> None:
+    _, params = _sharded(mesh, [(16, 256)], 0)
+    opt = portopt.AdamW(params, lr=0.01, precision="q8-states")
+    params[0].grad = _like(params[0], torch.ones(16, 256))
+    opt.step()
+    with pytest.raises(ShardingError, match="cannot checkpoint the 8-bit states"):
+        opt.state_dict()

@@ -223,6 +223,24 @@ def agreed(flag: bool, pieces: Sequence[Tensor]) -> bool:
     return flag
 
 
+def check_checkpointable(state: Mapping[Any, Mapping[str, Any]]) -> None:
+    """Refuse to checkpoint 8-bit states of sharded parameters: each rank holds the codes and block maxima of
+    its own piece as plain tensors, which a DCP checkpoint would take for replicated values (one rank's
+    kept, the others' lost)."""
+    from portopt.precision.quantize import Q8State
+
+    for param, values in state.items():
+        if isinstance(param, DTensor):
+            quantized = sorted(k for k, v in values.items() if isinstance(v, Q8State))
+            if quantized:
+                raise ShardingError(
+                    f"cannot checkpoint the 8-bit states {quantized} of a sharded parameter of shape "
+                    f"{tuple(param.shape)} placed {tuple(param.placements)}: 8-bit states of local pieces do not "
+                    f"reshard yet; keep these states in fp32 or bf16 (precision='q8-states,{quantized[0]}=bf16', "
+                    f"...) to checkpoint with DCP"
+                )
+
+
 def is_distributed(params: Sequence[Tensor]) -> bool:
     """Whether any of ``params`` is a DTensor."""
     return any(isinstance(p, DTensor) for p in params)

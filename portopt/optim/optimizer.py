@@ -556,6 +556,7 @@ class Optimizer(torch.optim.Optimizer):
         """torch.optim's state dict; 8-bit states as plain dicts of tensors (:meth:`Q8State.to_dict
         <portopt.precision.quantize.Q8State.to_dict>`) and policies as text, so that
         ``torch.load(weights_only=True)`` reads it back."""
+        distributed.check_checkpointable(self.state)
         return checkpoint.saveable(super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
