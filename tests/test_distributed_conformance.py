@@ -25,7 +25,8 @@ def test_lamb_on_two_ranks_passes_against_the_reference(tmp_path: Path) -> None:
     rows = _results(tmp_path)
     assert {str(r["implementation"]) for r in rows} == {"portopt Shard(0) x2", "portopt Shard(1) x2"}
     assert {str(r["precision"]) for r in rows} == {"fp32", "fp16+master"}
-    assert rows and all(r["status"] == "pass" for r in rows)
+    assert rows
+    assert all(r["status"] == "pass" for r in rows)
 
 
 @pytest.mark.parametrize(
