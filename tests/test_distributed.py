@@ -81,6 +81,10 @@ ZERO_CASES = [
     },
     {"id": "zero-lamb", "optimizer": "LAMB", "hypers": {"lr": 0.01, "weight_decay": 0.1}, "steps": 8, "shapes": SHAPES},
 ]
+TRAIN_CASES = [
+    {"id": "ddp-lamb", "wrap": "ddp", "optimizer": "LAMB", "hypers": {"lr": 0.01, "weight_decay": 0.1}, "steps": 8},
+    {"id": "fsdp2-lamb", "wrap": "fsdp2", "optimizer": "LAMB", "hypers": {"lr": 0.01, "weight_decay": 0.1}, "steps": 8},
+]
 DCP_CASES = [
     _case("dcp-lamb-shard0", "LAMB", 0, {"lr": 0.01, "weight_decay": 0.1}),
     _case("dcp-adafactor-shard1", "Adafactor", 1, {"lr": 0.01}),  # row factors resharded, column factors replicated
@@ -93,7 +97,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     saves: list[dict[str, Any]] = [
         {"case": c, "saved_at": SAVED_AT, "path": str(tmp_path_factory.mktemp(c["id"]))} for c in DCP_CASES
     ]
-    payload = {"fsdp": FSDP_CASES, "zero": ZERO_CASES, "dcp": saves}
+    payload = {"fsdp": FSDP_CASES, "zero": ZERO_CASES, "train": TRAIN_CASES, "dcp": saves}
     results = run_ranks("portopt.distributed.parity:suite", 2, payload)[0]
     results["dcp_paths"] = {s["case"]["id"]: s["path"] for s in saves}
     return results
@@ -145,6 +149,13 @@ def test_zero1_equals_one_process(runs: dict[str, Any], case: dict[str, Any]) ->
     _within(report, "params")
     if case.get("torch"):
         _within(report, "torch")
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: c["id"])
+def test_training_under_ddp_and_fsdp2_equals_one_process(runs: dict[str, Any], case: dict[str, Any]) -> None:
+    """Forward, backward and step, every rank on the same batches: the averaged gradients are one process's,
+    and so are the parameters after 8 steps (gradient averaging rounds: compared within float32 tolerance)."""
+    _within(_by_id(runs["train"], case["id"]), "params")
 
 
 @pytest.mark.parametrize("case", DCP_CASES, ids=lambda c: c["id"])

@@ -207,14 +207,63 @@ def _refused(case: dict[str, Any], opt: torch.optim.Optimizer, params: list[Any]
     return {"id": case["id"], "error": error, "unchanged": unchanged and not opt.state}
 
 
+def _train_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 6))
+
+
+def _batch(step: int) -> Tensor:
+    return torch.randn(16, 8, generator=torch.Generator().manual_seed(7919 + step))
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    for step in range(steps):
+        opt.zero_grad()
+        model(_batch(step)).square().mean().backward()
+        opt.step()
+
+
+def train(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Real training steps (forward, backward, step) of a small MLP wrapped as ``case["wrap"]`` (``"ddp"`` or
+    ``"fsdp2"``, every layer and the root sharded), every rank on the same batches, so the averaged gradients
+    are one process's; on rank 0, the parameters compared with one process training the unwrapped model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    reports = []
+    for case in cases:
+        model = _train_model()
+        if case["wrap"] == "ddp":
+            wrapped: torch.nn.Module = DistributedDataParallel(model)
+            params = list(model.parameters())
+        else:
+            mesh = init_device_mesh("cpu", (world_size,))
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+            params = list(model.parameters())
+        opt = make_optimizer(case, params)
+        _train(wrapped, opt, case["steps"])
+        got = [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in params]
+        if rank == 0:
+            single = _train_model()
+            _train(single, make_optimizer(case, list(single.parameters())), case["steps"])
+            reports.append({"id": case["id"], "params": compare(got, [p.detach() for p in single.parameters()])})
+    return reports
+
+
 def suite(rank: int, world_size: int, payload: dict[str, Any]) -> dict[str, Any]:
-    """``fsdp``, ``zero`` and ``dcp_save`` (a list of saves) of one payload in one process group (one start-up
+    """``fsdp``, ``zero``, ``train`` and ``dcp_save`` (a list of saves) of one payload in one process group (one start-up
     for all)."""
     out: dict[str, Any] = {"world_size": world_size}
     if payload.get("fsdp"):
         out["fsdp"] = fsdp(rank, world_size, payload["fsdp"])
     if payload.get("zero"):
         out["zero"] = zero(rank, world_size, payload["zero"])
+    if payload.get("train"):
+        out["train"] = train(rank, world_size, payload["train"])
     if payload.get("dcp"):
         out["dcp"] = [dcp_save(rank, world_size, save) for save in payload["dcp"]]
     return out
