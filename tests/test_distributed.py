@@ -179,3 +179,29 @@ def test_dcp_saved_on_two_ranks_resumes_under_fsdp2_on_another_world_size(
     assert report["steps_after_load"] == [float(SAVED_AT)] * len(SHAPES)
     _within(report, "params")
     _within(report, "states")
+
+
+def _registry_cases() -> list[dict[str, Any]]:
+    """Every registered algorithm with a front-end class, at its defaults, under Shard(0) and Shard(1)."""
+    from portopt.algorithms import REGISTRY
+
+    cases = []
+    for name, alg in sorted(REGISTRY.items()):
+        if not alg.class_name or name == "sparse_adam":  # SparseAdam takes sparse gradients only
+            continue
+        for dim in (0, 1):
+            extra = {"torch": alg.torch_class} if alg.torch_class else {}
+            cases.append(_case(f"{name}-shard{dim}", alg.class_name, dim, {}, **extra))
+    return cases
+
+
+@pytest.mark.slow
+def test_every_algorithm_under_fsdp2_equals_one_process() -> None:
+    cases = _registry_cases()
+    reports = run_ranks("portopt.distributed.parity:fsdp", 2, cases)[0]
+    for report in reports:
+        _within(report, "params")
+        _within(report, "states")
+        if "torch" in report:
+            _within(report, "torch")
+        assert report["storage"] == report["storage_1p"], report["id"]

@@ -19,6 +19,7 @@ process groups (gloo, NCCL, HCCL, ...).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DeviceMesh, DTensor, Replicate, Shard
 
 from portopt.lowering.backend import Backend, ParamState
 from portopt.lowering.interpreter import TensorFacts, tensor_facts
@@ -37,6 +37,8 @@ from portopt.spec.ops import OP_INFO, Family, Op
 from portopt.spec.symbols import Layout
 
 if TYPE_CHECKING:
+    from torch.distributed.tensor import DeviceMesh, DTensor
+
     from portopt.optim.torch_flags import Mode
 
 _ATTRIBUTE = "_portopt_shard_layout"
@@ -63,6 +65,7 @@ class ShardLayout:
 
     @classmethod
     def of(cls, tensor: DTensor) -> ShardLayout:
+        from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         placements = tuple(tensor.placements)
@@ -229,6 +232,10 @@ def check_checkpointable(state: Mapping[Any, Mapping[str, Any]]) -> None:
     kept, the others' lost)."""
     from portopt.precision.quantize import Q8State
 
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import DTensor
+
     for param, values in state.items():
         if isinstance(param, DTensor):
             quantized = sorted(k for k, v in values.items() if isinstance(v, Q8State))
@@ -242,8 +249,10 @@ def check_checkpointable(state: Mapping[Any, Mapping[str, Any]]) -> None:
 
 
 def is_distributed(params: Sequence[Tensor]) -> bool:
-    """Whether any of ``params`` is a DTensor."""
-    return any(isinstance(p, DTensor) for p in params)
+    """Whether any of ``params`` is a DTensor (none can be before torch's DTensor module is imported: this
+    costs nothing, and imports nothing, in a process that does not use it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(p, module.DTensor) for p in params)
 
 
 def local_views(
@@ -253,6 +262,8 @@ def local_views(
     each parameter piece carrying its :class:`ShardLayout`, and a function to run once the step succeeded:
     it stores the states the step created into ``states`` as DTensors (:func:`as_distributed`; ``layouts``
     says how each named state lies relative to its parameter)."""
+    from torch.distributed.tensor import DTensor
+
     local_params: list[Tensor] = []
     local_grads: list[Tensor] = []
     local_states: list[ParamState] = []
@@ -291,6 +302,8 @@ def as_distributed(value: Any, param: DTensor, layout: Layout) -> Any:
     placed like ``param``; a row (column) factor likewise, but replicated along the last (second-to-last)
     dimension, which it has reduced. 0-d values (the step counter, per-tensor states: equal on every rank)
     and 8-bit states (local codes and block maxima) stay as they are."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
     if not isinstance(value, Tensor) or isinstance(value, DTensor) or value.dim() == 0:
         return value
     shape = list(param.shape)

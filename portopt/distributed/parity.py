@@ -239,10 +239,11 @@ def train(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[dict[
             params = list(model.parameters())
         else:
             mesh = init_device_mesh("cpu", (world_size,))
-            for layer in model:
+            for layer in model.children():
                 if any(True for _ in layer.parameters()):
                     fully_shard(layer, mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            wrapped = model
             params = list(model.parameters())
         opt = make_optimizer(case, params)
         _train(wrapped, opt, case["steps"])
