@@ -19,6 +19,7 @@ process groups (gloo, NCCL, HCCL, ...).
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -179,6 +180,7 @@ def check_blocks_whole(piece: Tensor, state: str, block_size: int) -> None:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def reads_whole_tensor(spec: Spec) -> bool:
     """Whether ``spec`` reads more of a tensor than one element at a time: a reduction, a row/column
     statistic or a shape fact (``numel``, ``size``, ``finfo`` aside). Such a spec steps sharded pieces

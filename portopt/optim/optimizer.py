@@ -439,9 +439,12 @@ class Optimizer(torch.optim.Optimizer):
             params = list(group["params"])
             needs_policy = amp.needs_policy_backend(policy, spec, params, [self.state.get(p, {}) for p in params])
             suffix = "" if mode in (Mode.DEFAULT, Mode.FUSED, Mode.FOREACH) else f" ({mode.value})"
+            sharded = distributed.is_distributed(params)
             chosen.append(
                 {
-                    str(device): self._backend_for(spec, device, numel, policy if needs_policy else None, mode).name
+                    str(device): self._backend_for(
+                        spec, device, numel, policy if needs_policy else None, mode, sharded
+                    ).name
                     + suffix
                     for _, device, numel in _by_device(params)
                 }
