@@ -2,11 +2,13 @@
 # The prepared device check (issue 13): everything portopt must show on a lent GPU, in one run.
 #
 #     bash bench/device_check.sh                  # on the GPU machine (device tool: run), writes under $OUT
-#     DEVICE=cpu bash bench/device_check.sh       # the dry run here: the same steps on the CPU, smaller
+#     DEVICE=cpu PYTHON=/path/to/python bash bench/device_check.sh
+#                                                 # the dry run here: the same steps on the CPU, smaller,
+#                                                 # with an interpreter that has torch (and the test deps)
 #
 # The GPU machine has torch 2.11 + CUDA 13 + Triton and the test dependencies preinstalled (pytest,
 # hypothesis, rich, matplotlib, numpy, onnx, onnxruntime) and no registry: portopt is installed from this
-# checkout into a venv that sees the system's packages, with nothing fetched. Every step has its own time
+# checkout into a folder of its own, with nothing fetched. Every step has its own time
 # limit (the whole run stays under 8 minutes on an H100/H200), writes its log, and a failing step does not
 # stop the others. What comes back (at most 8 files from $OUT): summary.md, env.json, the CUDA conformance
 # JSON, the step-time JSON/Markdown and device_check.tar.gz holding every log and report.
@@ -32,15 +34,18 @@ step() { # step NAME LIMIT_S COMMAND...: run with a time limit, log to $work/NAM
     echo "- $name: exit $rc, $((SECONDS - t0)) s" | tee -a "$summary"
 }
 
-# Install portopt from this checkout (no index, no build isolation: setuptools and wheel are there).
-venv=/tmp/portopt-device-venv
-if [[ ! -x $venv/bin/python ]]; then
-    python3 -m venv --system-site-packages "$venv"
-fi
-"$venv/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir . >"$work/install.log" 2>&1 ||
-    { cat "$work/install.log"; echo "install failed" | tee -a "$summary"; }
-py="$venv/bin/python"
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/portopt-inductor
+# Install portopt from this checkout into a folder of its own (no index, no build isolation: setuptools
+# and wheel are there). Not a venv: the GPU machine's python3 is itself a venv (/opt/torch/.venv), and a
+# venv made from it with --system-site-packages would not see its torch. PYTHONSAFEPATH keeps the
+# checkout's own portopt/ (which lacks portopt.backends until installed) off sys.path; bench/ is reached
+# through PYTHONPATH after the installed package.
+py=${PYTHON:-python3}
+site=/tmp/portopt-device-site
+"$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$site" . \
+    >"$work/install.log" 2>&1 || { cat "$work/install.log"; echo "- install: FAILED" | tee -a "$summary"; }
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 TORCHINDUCTOR_CACHE_DIR=/tmp/portopt-inductor
+export PYTHONPATH="$site"
+bench_path="$site:$PWD"
 
 if [[ $device == cpu ]]; then
     quick=(--quick --algorithm adamw --algorithm lion --algorithm adafactor)
@@ -48,24 +53,28 @@ if [[ $device == cpu ]]; then
     tests=(-m "cuda and not slow")  # here every one skips, each with the reason naming what is missing
 else
     quick=(--quick)
-    bench=(--rounds 10)
+    bench=(--sizes 20e6 --rounds 10)
     tests=(-m "cuda and not slow" -n 8)  # pytest-xdist is on the GPU machine (16 cores)
 fi
 
-step env 60 "$py" -m bench.device_env --device "$device" --out "$work/env.json"
+# Most important first: a step cut off by its limit leaves the ones before it complete.
+step env 45 env PYTHONPATH="$bench_path" "$py" -m bench.device_env --device "$device" --out "$work/env.json"
+# The quick set on the device: every algorithm x every backend usable there x fp32, bf16, fp16+master.
+step conformance 200 "$py" -m portopt conformance --device "$device" "${quick[@]}" --report-dir "$work/conformance"
+# Step time and bandwidth against torch.optim (fused, foreach, for-loop) and third-party packages present.
+step step_time 150 env PYTHONPATH="$bench_path" "$py" -m bench.step_time --device "$device" "${bench[@]}" \
+    --no-compile-cache --output "step_time_${device}_check"
 # The CUDA tests: the `cuda` marker (device-parametrized tests carry it on their cuda parameter); the
 # slow torch.optim grid on CUDA (640 cases) is left to `-m cuda` by hand.
-step cuda_tests 150 "$py" -m pytest -p no:cacheprovider -q -rs "${tests[@]}" --junitxml="$work/cuda_tests.xml" tests
-# The quick set on the device: every algorithm x every backend usable there x fp32, bf16, fp16+master.
-step conformance 240 "$py" -m portopt conformance --device "$device" "${quick[@]}" --impl torch.optim \
-    --report-dir "$work/conformance"
+step cuda_tests 100 "$py" -m pytest -p no:cacheprovider -q -rs "${tests[@]}" --junitxml="$work/cuda_tests.xml" tests
 # A golden file recorded on the CPU (the float64 reference), checked on the device.
-step golden_record 60 "$py" -m portopt conformance record --quick --algorithm adamw --algorithm sgd \
+step golden_record 30 "$py" -m portopt conformance record --quick --algorithm adamw --algorithm sgd \
     --out "$work/golden_cpu.npz"
-step golden_check 60 "$py" -m portopt conformance check --golden "$work/golden_cpu.npz" --device "$device" \
-    --report-dir "$work/golden"
-step step_time 180 "$py" -m bench.step_time --device "$device" "${bench[@]}" --no-compile-cache \
-    --output "step_time_${device}_check"
+step golden_check 45 "$py" -m portopt conformance check --golden "$work/golden_cpu.npz" --device "$device" \
+    --backend torch --backend torch_fused --precision fp32 --report-dir "$work/golden"
+# torch.optim itself on the device, in fp32 (the suite's own check: torch's implementations pass it).
+step conformance_torch 60 "$py" -m portopt conformance --device "$device" "${quick[@]}" --impl torch.optim \
+    --impl torch.optim:fused=True --precision fp32 --report-dir "$work/conformance_torch"
 
 # What comes back: few files (the device tool returns at most 8).
 cp -f bench/results/step_time_"${device}"_check.{json,md} "$work/" 2>/dev/null

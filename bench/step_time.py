@@ -216,6 +216,11 @@ def compile_cache(algorithm: str = "adamw", dtype: str = "float32") -> dict[str,
     return out
 
 
+def _write(stem: Path, result: dict[str, Any]) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(report.markdown(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2M params, fp32 and bf16, 5 rounds")
@@ -250,27 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         bandwidth = measure.stream_bandwidth(elements=25_000_000 if args.quick else 50_000_000)
     print(f"streaming bandwidth: {bandwidth}")
-    cases = []
-    for size in sizes:
-        for dtype in dtypes:
-            for name in names:
-                case = bench_case(table[name], size, dtype, rounds, bandwidth["roofline_GBps"], device)
-                cases.append(case)
-                print(report.case_text(case))
-    result: dict[str, Any] = {
-        "benchmark": "step_time",
-        "command": " ".join(["python -m bench.step_time", *(argv if argv is not None else sys.argv[1:])]),
-        "device": device,
-        "quick": args.quick,
-        "machine": info,
-        "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "bandwidth": bandwidth,
-        "rounds": rounds,
-        "cases": cases,
-    }
-    if not args.no_compile_cache:
-        result["compile_cache"] = [compile_cache("adamw", "float32"), compile_cache("lamb", "bfloat16")]
-        print(f"compile cache: {result['compile_cache']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     default = (
         f"step_time_{torch.device(device).type}"
@@ -278,8 +262,31 @@ def main(argv: list[str] | None = None) -> None:
         + (f"_{args.threads}t" if args.threads else "")
     )
     stem = RESULTS / (args.output or default)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(report.markdown(result))
+    cases: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "benchmark": "step_time",
+        "command": " ".join(["python -m bench.step_time", *(argv if argv is not None else sys.argv[1:])]),
+        "device": device,
+        "quick": args.quick,
+        "machine": info,
+        "bandwidth": bandwidth,
+        "rounds": rounds,
+        "cases": cases,
+        "complete": False,
+    }
+    for size in sizes:
+        for dtype in dtypes:
+            for name in names:
+                case = bench_case(table[name], size, dtype, rounds, bandwidth["roofline_GBps"], device)
+                cases.append(case)
+                print(report.case_text(case))
+                _write(stem, result)  # after every case: a run cut off by a time limit keeps what it measured
+    result["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if not args.no_compile_cache:
+        result["compile_cache"] = [compile_cache("adamw", "float32"), compile_cache("lamb", "bfloat16")]
+        print(f"compile cache: {result['compile_cache']}")
+    result["complete"] = True
+    _write(stem, result)
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
