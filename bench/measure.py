@@ -45,16 +45,24 @@ def stream_bandwidth(elements: int = 50_000_000, repeats: int = 9) -> dict[str, 
     return {"copy_GBps": copy, "add_GBps": add, "roofline_GBps": max(copy, add)}
 
 
-def interleaved(steps: Sequence[Callable[[], None]], rounds: int, seed: int = 0) -> list[list[float]]:
-    """Per implementation, its step times over ``rounds`` rounds (each round runs each once, shuffled)."""
+def interleaved(
+    steps: Sequence[Callable[[], None]], rounds: int, seed: int = 0, sync: Callable[[], None] | None = None
+) -> list[list[float]]:
+    """Per implementation, its step times over ``rounds`` rounds (each round runs each once, shuffled).
+
+    ``sync`` (a device's ``synchronize``) runs before the clock starts and before it stops, so that a
+    step's time is the device's time to finish it, not the host's time to enqueue it."""
     order = list(range(len(steps)))
     rng = random.Random(seed)
     times: list[list[float]] = [[] for _ in steps]
+    wait = sync or (lambda: None)
     for _ in range(rounds):
         rng.shuffle(order)
         for i in order:
+            wait()
             start = time.perf_counter()
             steps[i]()
+            wait()
             times[i].append(time.perf_counter() - start)
     return times
 
@@ -73,8 +81,16 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def peak_step_memory(step: Callable[[], None]) -> float | None:
-    """MB by which the resident set peaked above its level before one call of ``step`` (Linux only)."""
+def peak_step_memory(step: Callable[[], None], device: str = "cpu") -> float | None:
+    """MB by which memory peaked above its level before one call of ``step``: the resident set on the
+    CPU (Linux only), the caching allocator's allocated bytes on CUDA."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        before_bytes = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return max(torch.cuda.max_memory_allocated(device) - before_bytes, 0) / 2**20
     try:
         CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
     except OSError:

@@ -55,14 +55,22 @@ def markdown(result: dict[str, Any]) -> str:
     """The whole result as a markdown report."""
     m = result["machine"]
     bw = result["bandwidth"]
+    device = result.get("device", "cpu")
+    if "add_GBps" in bw:
+        bandwidth = (
+            f"copy {bw['copy_GBps']:.1f} GB/s, add {bw['add_GBps']:.1f} GB/s (roofline {bw['roofline_GBps']:.1f} GB/s)"
+        )
+    else:
+        bandwidth = f"device-to-device copy {bw['copy_GBps']:.1f} GB/s (the roofline)"
     out = [
-        "# Optimizer step time (CPU)",
+        f"# Optimizer step time ({device}{', ' + m['gpu'] if m.get('gpu') else ''})",
         "",
-        f"- date: {m['date']}; torch {m['torch']}; Python {m['python']}",
+        *([] if result.get("complete", True) else ["**Partial: the run stopped before its last case.**", ""]),
+        f"- date: {m['date']}; torch {m['torch']}; Python {m['python']}"
+        + (f"; CUDA {m['cuda']}, Triton {m.get('triton')}" if m.get("cuda") else ""),
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
-        f"{m['cpu_capability']}; load average before/after: {m['load_average']} / {result['load_average_after']}",
-        f"- streaming bandwidth: copy {bw['copy_GBps']:.1f} GB/s, add {bw['add_GBps']:.1f} GB/s "
-        f"(roofline {bw['roofline_GBps']:.1f} GB/s)",
+        f"{m['cpu_capability']}; load average before/after: {m['load_average']} / {result.get('load_average_after')}",
+        f"- bandwidth: {bandwidth}",
         f"- {result['rounds']} interleaved rounds after 2 warm-up steps; command: `{result['command']}`",
         "",
     ]

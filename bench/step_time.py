@@ -5,6 +5,7 @@ Run from the repository root::
     python -m bench.step_time             # full run: 20M and 100M params, fp32 and bf16 (tens of minutes)
     python -m bench.step_time --quick     # smoke run: 2M params, a few rounds (about a minute)
     python -m bench.step_time --algorithms adamw lion --sizes 20e6 --dtypes float32
+    python -m bench.step_time --device cuda         # on a GPU (bench/device_check.sh runs it)
 
 For each algorithm, size and dtype it builds every implementation over the same
 transformer-like parameter list (shared gradients, own parameters and states):
@@ -20,8 +21,12 @@ third-party package), and the step's peak extra memory. ``--compile-cache`` (on 
 default) times the compiled backend's first step in a fresh process with an empty and
 then a warm Inductor cache.
 
+On CUDA every timed step is bracketed by ``torch.cuda.synchronize`` (the device's time to finish
+the step, launch overhead included), the roofline is the measured device-to-device copy bandwidth
+(:mod:`bench.device_env`), and peak memory is the caching allocator's.
+
 Results: ``bench/results/step_time_<device>[_quick].json`` and ``.md``, with the machine,
-torch version and date. This measures and reports; it asserts nothing.
+device, torch version and date. This measures and reports; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import torch
 
 import portopt.backends.compiled
 import portopt.backends.torch_fused  # noqa: F401  (registers "torch_fused")
-from bench import measure, report, workloads
+from bench import device_env, measure, report, workloads
 from portopt.backends import select_backend
 from portopt.backends.torch_fused import match_fused_kernel
 
@@ -74,13 +79,17 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _runners(alg: workloads.Algorithm, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[workloads.Runner]:
+def _runners(
+    alg: workloads.Algorithm, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: str
+) -> list[workloads.Runner]:
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(s, generator=gen, dtype=torch.float32).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype) for s in shapes]
 
     def params() -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(1)
-        return [torch.randn(s, generator=g, dtype=torch.float32).mul_(0.02).to(dtype) for s in shapes]
+        return [
+            torch.randn(s, generator=g, dtype=torch.float32).mul_(0.02).to(device=device, dtype=dtype) for s in shapes
+        ]
 
     runners: list[workloads.Runner] = []
     backends = ["compiled", "torch"]
@@ -106,26 +115,31 @@ def _baseline(runners: list[workloads.Runner]) -> int:
     return next(i for i, r in enumerate(runners) if r.name == "portopt[torch]")
 
 
-def bench_case(alg: workloads.Algorithm, size: int, dtype_name: str, rounds: int, roofline: float) -> dict[str, Any]:
-    """Every implementation of ``alg`` on ``size`` parameters of ``dtype_name``."""
+def bench_case(
+    alg: workloads.Algorithm, size: int, dtype_name: str, rounds: int, roofline: float, device: str = "cpu"
+) -> dict[str, Any]:
+    """Every implementation of ``alg`` on ``size`` parameters of ``dtype_name`` on ``device``."""
     dtype = DTYPES[dtype_name]
     shapes = workloads.transformer_layout(size)
     numel = sum(workloads._numel(s) for s in shapes)
     element = torch.finfo(dtype).bits // 8
     bytes_per_step = numel * workloads.spec_bytes_per_element(alg.spec, element, element)
-    runners: list[workloads.Runner] = [workloads.StreamRunner(bytes_per_step)]
+    runners: list[workloads.Runner] = [workloads.StreamRunner(bytes_per_step, device)]
     if element == 2:
-        runners.append(workloads.ConversionFloorRunner(numel, len(alg.spec.states), dtype))
-    runners += _runners(alg, shapes, dtype)
+        runners.append(workloads.ConversionFloorRunner(numel, len(alg.spec.states), dtype, device))
+    runners += _runners(alg, shapes, dtype, device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else None
     rows: list[dict[str, Any]] = []
     first_steps = []
     for r in runners:
         start = time.perf_counter()
         r.step()
+        if sync is not None:
+            sync()
         first_steps.append(time.perf_counter() - start)
         r.step()
-    peaks = [measure.peak_step_memory(r.step) for r in runners]
-    times = measure.interleaved([r.step for r in runners], rounds)
+    peaks = [measure.peak_step_memory(r.step, device) for r in runners]
+    times = measure.interleaved([r.step for r in runners], rounds, sync=sync)
     base = _baseline(runners)
     stream = times[0]
     for r, first, peak, t in zip(runners, first_steps, peaks, times, strict=True):
@@ -158,7 +172,7 @@ def bench_case(alg: workloads.Algorithm, size: int, dtype_name: str, rounds: int
         "stream_ms": statistics.median(stream) * 1e3,
         "baseline": rows[base]["implementation"],
         # What portopt.<Algorithm>(params) uses by default for this group on this device.
-        "auto_choice": select_backend("cpu", "auto", alg.spec, numel).name,
+        "auto_choice": select_backend(torch.device(device).type, "auto", alg.spec, numel).name,
         "rows": rows,
     }
 
@@ -202,6 +216,11 @@ def compile_cache(algorithm: str = "adamw", dtype: str = "float32") -> dict[str,
     return out
 
 
+def _write(stem: Path, result: dict[str, Any]) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(report.markdown(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2M params, fp32 and bf16, 5 rounds")
@@ -212,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile-cache", action="store_true", help="skip the cold/warm compile measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--output", default=None, help="file name stem under bench/results/ (default step_time_cpu...)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu; cuda on a GPU)")
     args = parser.parse_args(argv)
+    device = str(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -225,36 +246,47 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown algorithm(s) {unknown}; choose from {sorted(table)}")
 
-    info = machine()
+    info = machine() | device_env.describe(device)
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load {info['load_average']}")
-    bandwidth = measure.stream_bandwidth(elements=25_000_000 if args.quick else 50_000_000)
+    if device.startswith("cuda"):
+        print(f"device: {info['gpu']}, CUDA {info['cuda']}")
+        copy = device_env.copy_bandwidth(device)
+        bandwidth = {"copy_GBps": copy["copy_GBps"], "roofline_GBps": copy["copy_GBps"]}
+    else:
+        bandwidth = measure.stream_bandwidth(elements=25_000_000 if args.quick else 50_000_000)
     print(f"streaming bandwidth: {bandwidth}")
-    cases = []
-    for size in sizes:
-        for dtype in dtypes:
-            for name in names:
-                case = bench_case(table[name], size, dtype, rounds, bandwidth["roofline_GBps"])
-                cases.append(case)
-                print(report.case_text(case))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    default = (
+        f"step_time_{torch.device(device).type}"
+        + ("_quick" if args.quick else "")
+        + (f"_{args.threads}t" if args.threads else "")
+    )
+    stem = RESULTS / (args.output or default)
+    cases: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "benchmark": "step_time",
         "command": " ".join(["python -m bench.step_time", *(argv if argv is not None else sys.argv[1:])]),
-        "device": "cpu",
+        "device": device,
         "quick": args.quick,
         "machine": info,
-        "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "bandwidth": bandwidth,
         "rounds": rounds,
         "cases": cases,
+        "complete": False,
     }
+    for size in sizes:
+        for dtype in dtypes:
+            for name in names:
+                case = bench_case(table[name], size, dtype, rounds, bandwidth["roofline_GBps"], device)
+                cases.append(case)
+                print(report.case_text(case))
+                _write(stem, result)  # after every case: a run cut off by a time limit keeps what it measured
+    result["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if not args.no_compile_cache:
         result["compile_cache"] = [compile_cache("adamw", "float32"), compile_cache("lamb", "bfloat16")]
         print(f"compile cache: {result['compile_cache']}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    default = "step_time_cpu" + ("_quick" if args.quick else "") + (f"_{args.threads}t" if args.threads else "")
-    stem = RESULTS / (args.output or default)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(report.markdown(result))
+    result["complete"] = True
+    _write(stem, result)
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 

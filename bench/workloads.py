@@ -164,12 +164,12 @@ class StreamRunner(Runner):
     gives the time this machine needs to stream the step's bytes once.
     """
 
-    def __init__(self, bytes_per_step: int) -> None:
+    def __init__(self, bytes_per_step: int, device: str = "cpu") -> None:
         self.name = "stream a += b (roofline)"
         self.kind = "roofline"
         n = max(bytes_per_step // 12, 1)
-        self.a = torch.zeros(n)
-        self.b = torch.ones(n)
+        self.a = torch.zeros(n, device=device)
+        self.b = torch.ones(n, device=device)
 
     def step(self) -> None:
         self.a.add_(self.b)
@@ -185,10 +185,10 @@ class ConversionFloorRunner(Runner):
     memory (a CPU without native bf16 conversion).
     """
 
-    def __init__(self, numel: int, n_states: int, dtype: torch.dtype) -> None:
+    def __init__(self, numel: int, n_states: int, dtype: torch.dtype, device: str = "cpu") -> None:
         self.name = f"convert-only kernel ({dtype}, no math)"
         self.kind = "roofline"
-        self.tensors = [torch.zeros(numel, dtype=dtype) for _ in range(2 + n_states)]
+        self.tensors = [torch.zeros(numel, dtype=dtype, device=device) for _ in range(2 + n_states)]
 
         def convert_only(p: Tensor, g: Tensor, *states: Tensor) -> None:
             wide = g.float()

@@ -16,7 +16,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not torch.cuda.is_available():
         skip_cuda = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
         for item in items:
-            if "cuda" in item.keywords:
+            if item.get_closest_marker("cuda") is not None:
                 item.add_marker(skip_cuda)
     npu_items = [item for item in items if item.get_closest_marker("npu") is not None]
     if npu_items:

@@ -280,7 +280,7 @@ def test_complex_params_in_a_compiled_step() -> None:
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 
 

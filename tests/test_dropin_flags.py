@@ -199,7 +199,7 @@ def test_flags_from_another_optimizers_checkpoint_do_not_override_a_named_backen
     assert torch.equal(param.detach(), theirs_param.detach())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: capturable=True needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop"])
 def test_capturable_on_cuda_matches_torch_and_captures_in_a_cuda_graph(name: str) -> None:
     def make(library: Any) -> tuple[list[nn.Parameter], Any]:

@@ -42,7 +42,7 @@ IN_TORCH = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "NAdam", "Adamax", "RA
 BIT_IDENTICAL = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax")
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 
 

@@ -33,7 +33,7 @@ BACKEND = "torch"
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 
 

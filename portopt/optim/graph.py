@@ -96,7 +96,6 @@ def traced_step(optimizer: Optimizer, inputs: Mapping[str, Any] | None = None) -
     ):
         _eager_step(optimizer, inputs)
         return
-    optimizer.last_step_skipped = False  # an eager group (skip_nonfinite) may set it
     for index, group in enumerate(optimizer.param_groups):
         params: list[Tensor] = []
         grads: list[Tensor] = []
@@ -129,6 +128,10 @@ def init_group(
 ) -> int:
     """Prepare one group's traced step, eagerly (module docstring); fill the lists, return the handle."""
     index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+    if index == 0:
+        # A new step (an eager group, skip_nonfinite, may set it again). Set here, eagerly: dynamo
+        # 2.11 refuses attribute writes on an optimizer inside the traced frame.
+        optimizer.last_step_skipped = False
     stepped = [p for p in group["params"] if p.grad is not None]
     if not stepped:
         return NO_GRADS

@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from portopt.algorithms import get_spec
+from portopt.algorithms import REGISTRY, get_spec
 from portopt.optim.optimizer import Optimizer
 from portopt.spec.definition import OptionValue, Spec
 
@@ -76,6 +76,10 @@ class NamedOptimizer(Optimizer):
         """
         group = {**cls.option_defaults, **options, **cls.forced_options}
         return cached_spec(cls.algorithm, tuple(sorted(cls.spec_options(group).items())))
+
+    def torch_class_name(self) -> str:
+        registered = REGISTRY.get(self.algorithm)
+        return registered.torch_class if registered is not None else ""
 
     def base_spec(self, group: Mapping[str, Any]) -> Spec:
         return cached_spec(self.algorithm, tuple(sorted(self.spec_options(group).items())))

@@ -350,7 +350,7 @@ class Optimizer(torch.optim.Optimizer):
         if mode is Mode.FUSED:
             served = self._fused_device_types()
             for param in params:
-                check_fused_param(param, served)
+                check_fused_param(param, served, self.torch_class_name())
         if mode is Mode.CAPTURABLE:
             check_capturable(params, self.capturable_tensors)
         numbers: list[int] = []  # optimizer-wide parameter numbers: the noise keys of stochastic rounding
@@ -392,6 +392,10 @@ class Optimizer(torch.optim.Optimizer):
         if self.backend != "auto" and not serves(backends.named_backend(self.backend), mode):
             return Mode.DEFAULT
         return mode
+
+    def torch_class_name(self) -> str:
+        """The ``torch.optim`` class this optimizer is a drop-in for (empty: none)."""
+        return ""
 
     def _fused_device_types(self) -> list[str]:
         """The device types a fused implementation of this optimizer's backend choice runs on here (read once)."""

@@ -35,6 +35,8 @@ Combinations torch.optim rejects are rejected with torch's exception type and me
 from __future__ import annotations
 
 import enum
+import functools
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -173,8 +175,16 @@ def check_capturable(params: Sequence[Tensor], what: str = "params and state_ste
             raise CapturableDeviceError(f"If capturable=True, {what} must be on supported devices: {supported}.")
 
 
-def fused_devices() -> list[str]:
-    """The device types torch.optim names in its ``fused=True`` error (torch's own list where it has one)."""
+def fused_devices(torch_class: str = "") -> list[str]:
+    """The device types torch.optim names in its ``fused=True`` error for ``torch_class`` (a class of
+    ``torch.optim``; empty: the generic list).
+
+    torch builds the list per class (``_device_dtype_check_for_fused(p, cuda_unsupported=...)``: torch
+    2.11's Adagrad leaves ``cuda`` out, 2.13's keeps it), so the class's list is read off torch itself:
+    its own error for a meta parameter (:func:`_torch_fused_devices`)."""
+    probed = _torch_fused_devices(torch_class) if torch_class else None
+    if probed is not None:
+        return list(probed)
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
     except ImportError:  # a torch without the helper: its list as of torch 2.13
@@ -182,10 +192,31 @@ def fused_devices() -> list[str]:
     return list(_get_fused_kernels_supported_devices())
 
 
-def check_fused_param(param: Tensor, served: Sequence[str]) -> None:
+@functools.cache
+def _torch_fused_devices(torch_class: str) -> tuple[str, ...] | None:
+    """The device list of torch's own ``fused=True`` error for ``torch.optim.<torch_class>``, from one
+    step on a meta parameter (nothing is computed); ``None`` when torch raises no such error."""
+    cls = getattr(torch.optim, torch_class, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        return None
+    param = torch.nn.Parameter(torch.empty(1, device="meta"))
+    param.grad = torch.empty(1, device="meta")
+    try:
+        cls([param], fused=True).step()  # type: ignore[call-arg]
+    except RuntimeError as error:
+        found = re.search(r"supported devices: \[([^\]]*)\]", str(error))
+        if found is not None:
+            return tuple(name.strip().strip("'\"") for name in found.group(1).split(",") if name.strip())
+    except Exception:  # a class without fused=True, or another refusal: no list to read
+        return None
+    return None
+
+
+def check_fused_param(param: Tensor, served: Sequence[str], torch_class: str = "") -> None:
     """torch.optim's ``RuntimeError`` for ``fused=True`` and a parameter no fused implementation takes
-    (not floating point, or on a device where none of ``served`` runs)."""
-    supported = fused_devices()
+    (not floating point, or on a device where none of ``served`` runs); ``torch_class`` names the
+    torch.optim class whose device list the message quotes."""
+    supported = fused_devices(torch_class)
     if param.is_floating_point() and param.device.type in supported and param.device.type in served:
         return
     message = (
