@@ -49,11 +49,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from portopt.distributed.layout import logical_facts
+from portopt.distributed.reductions import MeshReductions
 from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype, with_inputs
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.graph_step import GraphStep
 from portopt.lowering.host import HostValue, evaluate_host
-from portopt.lowering.interpreter import initial_state_values, state_shape, tensor_facts
+from portopt.lowering.interpreter import initial_state_values, state_shape
 from portopt.lowering.program import Instr, Program, SpecPlan
 from portopt.lowering.registry import register_backend
 from portopt.lowering.torch_ops import TORCH_RULES
@@ -151,7 +153,7 @@ class _Runner:
         rows: list[list[float]] = []
         for param in b.params:
             values: dict[Expr, HostValue] = dict(self.host)
-            evaluate_host(program.shape_nodes, b.t, b.hypers, values, tensor_facts(param))
+            evaluate_host(program.shape_nodes, b.t, b.hypers, values, logical_facts(param))
             rows.append([float(values[leaf]) for leaf in wanted])
         table = torch.tensor(rows, dtype=b.dtype).to(b.device)  # one transfer per bucket
         return {leaf: list(table[:, j].unbind()) for j, leaf in enumerate(wanted)}
@@ -168,11 +170,15 @@ class _Runner:
                 self.values[leaf] = self.load(b.grads)
             else:
                 self.values[leaf] = self.load(storage[str(leaf.value)])
-        for instr in program.instrs:
-            self.values[instr.node] = self.execute(instr)
-            for done in instr.release:
-                if done is not instr.node:
-                    self.values.pop(done, None)
+        mesh = MeshReductions.of(b.params, program.kinds)
+        if mesh is not None:  # sharded pieces: reductions of the logical tensor, completed over the mesh
+            mesh.run(program.instrs, self.values, self.execute)
+        else:
+            for instr in program.instrs:
+                self.values[instr.node] = self.execute(instr)
+                for done in instr.release:
+                    if done is not instr.node:
+                        self.values.pop(done, None)
         self.commit(program, storage)
 
     def arg(self, node: Expr, host: bool) -> Value:
@@ -394,7 +400,7 @@ class TorchStep:
 
     def variant(self, param: Tensor) -> Spec:
         """The plain spec ``param`` runs (its shape class's, for a shape-dependent spec)."""
-        return self.spec.specialize(tensor_facts(param)) if self.spec.shape_dependent else self.spec
+        return self.spec.specialize(logical_facts(param)) if self.spec.shape_dependent else self.spec
 
     def plan_for(self, spec: Spec) -> SpecPlan:
         plan = self.plans.get(spec)
@@ -447,7 +453,7 @@ class TorchStep:
                 general.append(decl)
         if general:
             opmath = compute_dtype([param.dtype, grad.dtype])
-            facts = tensor_facts(param)
+            facts = logical_facts(param)
             values = initial_state_values(spec, TORCH_RULES, param.to(opmath), grad.to(opmath), hypers, facts)
             for decl in general:
                 dtype = dtypes[decl.name]
@@ -532,5 +538,6 @@ TORCH_GENERIC = register_backend(
         build_per_tensor=build_per_tensor_step,
         build_graph=build_graph_step,
         torch_flag="foreach",
+        shards=True,
     )
 )

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from portopt.backends.torch_generic import TensorList, TorchStep, Value, _Bucket, _Runner, compute_dtype
+from portopt.distributed.layout import check_blocks_whole, logical_shape
 from portopt.lowering.backend import Hypers, ParamState, with_inputs
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.host import HostValue
@@ -131,7 +132,9 @@ class PolicyStep(TorchStep):
         ``param_dtype`` (default: ``param``'s), and ``step`` = 0."""
         model_dtype = param_dtype or param.dtype
         formats = {
-            d.name: state_format(self.policy, d, param.shape, model_dtype, nonnegative=d.name in self.nonnegative)
+            d.name: state_format(
+                self.policy, d, logical_shape(param), model_dtype, nonnegative=d.name in self.nonnegative
+            )
             for d in self.variant(param).states
         }
         compute = self.policy.compute_dtype_for(model_dtype)
@@ -140,6 +143,7 @@ class PolicyStep(TorchStep):
         )
         for name, fmt in formats.items():
             if fmt.quantized is not None:
+                check_blocks_whole(param, name, self.policy.block_size)
                 stored = allocate(fmt, state[name].shape, param.device)
                 encode(state[name], stored)
                 state[name] = stored

@@ -123,6 +123,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``portopt conformance`` options and its ``record``/``check``/``list`` subcommands."""
     _add_case_set(parser)
     _add_selection(parser)
+    parser.add_argument(
+        "--distributed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the cases on N gloo ranks on localhost, parameters sharded as DTensors (Shard(0) and Shard(1)), "
+        "against the one-process float64 reference",
+    )
     sub = parser.add_subparsers(dest="conformance_command", metavar="{record,check,list}")
     rec = sub.add_parser("record", help="write the float64 reference trajectories to a golden file")
     rec.add_argument("--out", required=True, metavar="FILE", help="the golden file to write (.npz)")
@@ -280,10 +288,32 @@ def _run_suite(args: argparse.Namespace) -> int:
     from portopt.conformance.runner import plan
 
     started = time.perf_counter()
+    if getattr(args, "distributed", None) is not None:
+        return _run_distributed(args, started)
     cases, impls, precisions = _cases(args), _implementations(args), _precisions(args)
     jobs = plan(cases, impls, precisions, args.device or ["cpu"])
     results = _run_with_progress(jobs, args)
     return _finish(results, args, started, {"command": _command_line(args), "quick": args.quick})
+
+
+def _run_distributed(args: argparse.Namespace, started: float) -> int:
+    """``--distributed N``: the cases on N ranks (:mod:`portopt.conformance.distributed`)."""
+    from portopt.conformance.distributed import run_distributed
+
+    ranks = args.distributed
+    if ranks < 1:
+        raise UsageError(f"--distributed takes a number of ranks >= 1, got {ranks}")
+    for option in ("backend", "impl", "spec", "device"):
+        if getattr(args, option, None):
+            raise UsageError(
+                f"--distributed runs portopt's front end on sharded CPU tensors; --{option} does not apply to it"
+            )
+    cases, precisions = _cases(args), _precisions(args)
+    results = run_distributed(
+        cases, precisions, ranks, quick=args.quick, algorithms=args.algorithm, drift=not args.no_drift
+    )
+    meta = {"command": _command_line(args), "quick": args.quick, "distributed": ranks}
+    return _finish(results, args, started, meta)
 
 
 def _record(args: argparse.Namespace) -> int:

@@ -114,6 +114,10 @@ class Backend:
     ``foreach=True``), or ``""``."""
     build_per_tensor: Callable[[Spec], StepFunction] | None = None
     build_graph: Callable[[Spec], GraphStep] | None = None
+    shards: bool = False
+    """Whether its eager step takes the local pieces of sharded parameters (:mod:`portopt.distributed`) with
+    reductions and shape facts of the logical tensor. A backend without it steps a sharded group only when
+    the spec is element-wise throughout (no reduction, no shape fact), where local pieces are exact."""
 
 
 def with_inputs(spec: Spec, hypers: Hypers) -> Hypers:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from portopt.backends import select_backend
+from portopt.distributed.layout import agreed, carry_layout
 from portopt.lowering.backend import Backend, ParamState, step_counter_dtype
 from portopt.lowering.registry import registered_backends
 from portopt.precision.policy import PolicyError, PrecisionPolicy, as_policy, preset_name
@@ -166,7 +167,11 @@ def should_skip(work: Sequence[GroupStep], scaling: LossScaling) -> bool:
     if scaling.found_inf_set():
         return True
     checked = [g for w in work if w.skip_nonfinite for g in w.grads]
-    return bool(checked) and any_nonfinite(checked)
+    if not checked:
+        return False
+    return agreed(  # sharded pieces: every rank decides the same
+        any_nonfinite(checked), [p for w in work if w.skip_nonfinite for p in w.params]
+    )
 
 
 def unscale_gradients(grads: Sequence[Tensor], grad_scale: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
@@ -200,7 +205,7 @@ def run_group(work: GroupStep, scaling: LossScaling) -> None:
         for i, (param, state) in enumerate(zip(work.params, work.states, strict=True)):
             if policy.needs_master(param.dtype):
                 master = state.get(MASTER)
-                stepped[i] = create_master(param) if master is None else master
+                stepped[i] = carry_layout(param, create_master(param) if master is None else master)
                 grads[i] = grads[i].to(stepped[i].dtype)
                 masters.append(i)
     for step, indices in work.runs:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, overload
 import torch
 from torch import Tensor
 
-from portopt import backends
+from portopt import backends, distributed
 from portopt.algorithms import get_spec
 from portopt.lowering.backend import Backend, ParamState, step_counter_dtype
 from portopt.lowering.checks import check_step_inputs
@@ -369,10 +369,15 @@ class Optimizer(torch.optim.Optimizer):
             complex_params.check(spec, policy, index)
             params, grads, states, restore = complex_params.real_views(params, grads, states)
             after.append(restore)
+        sharded = distributed.is_distributed(params)
+        if sharded:  # FSDP2 / tensor parallel: step the local pieces, reduce over the mesh (portopt.distributed)
+            layouts = {s.name: s.layout for s in spec.states}
+            params, grads, states, keep = distributed.local_views(params, grads, states, layouts)
+            after.append(keep)
         check_step_inputs(spec, params, grads, states, hypers, allow_quantized=not plain)
         policy_step = amp.needs_policy_backend(policy, spec, params, states)
         runs = [
-            (self._step_function(spec, device, policy if policy_step else None, numel, mode), indices)
+            (self._step_function(spec, device, policy if policy_step else None, numel, mode, sharded), indices)
             for indices, device, numel in _by_device(params)
         ]
         skip = bool(group.get("skip_nonfinite", False))
@@ -409,10 +414,11 @@ class Optimizer(torch.optim.Optimizer):
         policy: PrecisionPolicy | None = None,
         numel: int = 0,
         mode: Mode = Mode.DEFAULT,
+        sharded: bool = False,
     ) -> Callable[..., None]:
         """The step function for ``spec`` on ``device`` for a group of ``numel`` elements there in ``mode``;
-        with a ``policy``, one that stores states as it says."""
-        backend = self._backend_for(spec, device, numel, policy, mode)
+        with a ``policy``, one that stores states as it says; ``sharded``: of local pieces of DTensors."""
+        backend = self._backend_for(spec, device, numel, policy, mode, sharded)
         key = (backend.name, spec, policy, mode)
         step = self._step_functions.get(key)
         if step is None:
@@ -437,9 +443,12 @@ class Optimizer(torch.optim.Optimizer):
             params = list(group["params"])
             needs_policy = amp.needs_policy_backend(policy, spec, params, [self.state.get(p, {}) for p in params])
             suffix = "" if mode in (Mode.DEFAULT, Mode.FUSED, Mode.FOREACH) else f" ({mode.value})"
+            sharded = distributed.is_distributed(params)
             chosen.append(
                 {
-                    str(device): self._backend_for(spec, device, numel, policy if needs_policy else None, mode).name
+                    str(device): self._backend_for(
+                        spec, device, numel, policy if needs_policy else None, mode, sharded
+                    ).name
                     + suffix
                     for _, device, numel in _by_device(params)
                 }
@@ -453,10 +462,11 @@ class Optimizer(torch.optim.Optimizer):
         numel: int,
         policy: PrecisionPolicy | None = None,
         mode: Mode = Mode.DEFAULT,
+        sharded: bool = False,
     ) -> Backend:
         """The backend chosen (``self.backend``, or ``"auto"``'s choice for this spec, group size and
         mode); with a ``policy``, one that can store states as it says."""
-        backend = self._selected(spec, device, numel, mode)
+        backend = self._selected(spec, device, numel, mode, sharded)
         if policy is None or backend.build_with_policy is not None:
             return backend
         fallback = self._backends.get((device.type, "+policy"))
@@ -466,29 +476,38 @@ class Optimizer(torch.optim.Optimizer):
             self._backends[(device.type, "+policy")] = fallback
         return fallback
 
-    def _selected(self, spec: Spec, device: torch.device, numel: int, mode: Mode = Mode.DEFAULT) -> Backend:
-        """The backend named, or ``"auto"``'s choice for this spec, group size and mode."""
+    def _selected(
+        self, spec: Spec, device: torch.device, numel: int, mode: Mode = Mode.DEFAULT, sharded: bool = False
+    ) -> Backend:
+        """The backend named, or ``"auto"``'s choice for this spec, group size and mode; for the local pieces
+        of sharded parameters (``sharded``) of a spec that reads whole tensors, one that
+        :attr:`~portopt.lowering.backend.Backend.shards`."""
         # "auto" depends on the group size only through the backends' thresholds: key on the largest reached.
         reached = 0
         if self.backend == "auto" and mode in (Mode.DEFAULT, Mode.CAPTURABLE, Mode.DIFFERENTIABLE):
             if self._auto_thresholds is None:  # read once per optimizer, not on every step
                 self._auto_thresholds = backends.auto_thresholds()
             reached = max((n for n in self._auto_thresholds if n <= numel), default=0)
-        key = (device.type, spec, reached, mode)
+        whole = sharded and distributed.reads_whole_tensor(spec)
+        key = (device.type, spec, reached, mode, whole)
         backend = self._backends.get(key)
         if backend is None:
-            backend = self._backends[key] = self._select(spec, device, reached, mode)
+            backend = self._backends[key] = self._select(spec, device, reached, mode, whole)
         return backend
 
-    def _select(self, spec: Spec, device: torch.device, numel: int, mode: Mode) -> Backend:
+    def _select(self, spec: Spec, device: torch.device, numel: int, mode: Mode, whole: bool = False) -> Backend:
+        if whole:
+            distributed.check_sharded_mode(spec, self.backend, mode)
         if self.backend != "auto":
             return backends.select_backend(device, self.backend, spec, numel)
-        if mode is Mode.DEFAULT:
+        if mode is Mode.DEFAULT and not whole:
             return backends.select_backend(device, "auto", spec, numel)
         try:
             # An explicit fused=True compiles whatever the group size; the other modes follow auto's sizes.
             size = None if mode is Mode.FUSED else numel
-            return backends.select_backend(device, "auto", spec, size, accept=lambda b: serves(b, mode))
+            return backends.select_backend(
+                device, "auto", spec, size, accept=lambda b: serves(b, mode) and (b.shards or not whole)
+            )
         except ValueError as exc:
             if mode is Mode.FUSED:  # torch raises RuntimeError where no fused implementation runs
                 raise RuntimeError(f"fused=True: no fused implementation of {spec.title} runs here: {exc}") from None
@@ -544,6 +563,7 @@ class Optimizer(torch.optim.Optimizer):
         """torch.optim's state dict; 8-bit states as plain dicts of tensors (:meth:`Q8State.to_dict
         <portopt.precision.quantize.Q8State.to_dict>`) and policies as text, so that
         ``torch.load(weights_only=True)`` reads it back."""
+        distributed.check_checkpointable(self.state)
         return checkpoint.saveable(super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

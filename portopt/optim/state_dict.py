@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from portopt.lowering.backend import step_counter_dtype
-from portopt.lowering.interpreter import state_shape
+from portopt.lowering.interpreter import state_shape, tensor_facts
 from portopt.optim.amp import DEFAULT, MASTER, check_params, group_value, resolve
 from portopt.precision.policy import PrecisionPolicy
 from portopt.precision.quantize import Q8State
@@ -200,6 +200,8 @@ def convert_state(
     entries = {k: v for k, v in value.items() if v is not None}  # old torch SGD stored momentum_buffer=None
     if not entries:
         return {}
+    if spec.shape_dependent:  # the states of this parameter's shape class (Adafactor: factored for matrices)
+        spec = spec.specialize(tensor_facts(param))
     expected = set(spec.state_names)
     unknown, missing = set(entries) - expected - {"step", MASTER}, expected - set(entries)
     if unknown or missing:
