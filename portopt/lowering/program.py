@@ -7,7 +7,7 @@ per combination of those decisions, a :class:`Program`:
 
 * one :class:`Instr` per remaining node, operands before users;
 * sums of products fused into the forms torch has kernels for: ``β·x + (1 − β)·y`` →
-  ``lerp``; ``a ± s·(b/c)`` and ``a ± b/c`` → ``addcdiv``; ``a ± s·b·c``, ``a ± s·b²`` →
+  ``lerp`` where torch.optim itself uses it (:func:`torch_lerp_convention`); ``a ± s·(b/c)`` and ``a ± b/c`` → ``addcdiv``; ``a ± s·b·c``, ``a ± s·b²`` →
   ``addcmul``; ``a ± s·b`` → ``add`` with ``alpha`` (a product is absorbed only if it
   feeds nothing else; ``s`` is a host scalar);
 * each instruction marked to write *in place* into an operand's buffer when that operand
@@ -133,8 +133,9 @@ def build_program(spec: Spec, mapping: Mapping[Expr, Expr], grad_writable: bool)
 
     forms: dict[Expr, Form] = {}
     absorbed: set[Expr] = set()
+    lerp = torch_lerp_convention(spec)
     for node in computed:
-        fused = _fuse(node, info, edge_uses, absorbed)
+        fused = _fuse(node, info, edge_uses, absorbed, lerp)
         if fused is None:
             forms[node] = Form("op", node.args)
         else:
@@ -188,12 +189,28 @@ class Form:
         return self.form, self.operands, self.scale, self.negate
 
 
+def torch_lerp_convention(spec: Spec) -> bool:
+    """Whether ``β·x + (1 − β)·y`` is lowered to ``lerp(x, y, 1 − β)``: for the algorithms torch.optim
+    has (its moment update, so that the generic backend is bit-identical to torch.optim's).
+
+    ``lerp`` is not the spec's arithmetic where ``x`` is infinite: ``x + w·(y − x)`` is NaN where
+    ``β·x + (1 − β)·y`` is ``x``. torch.optim's algorithms turn such a moment into a NaN parameter
+    either way (Adam's ``m/√v``); an update that clips the moment (SophiaG's ``min(|m|/…, 1)``, Lion's
+    ``sign``) keeps the spec's finite step, so the other algorithms keep the spec's products and sum.
+    """
+    from portopt.algorithms import REGISTRY  # the registry's modules import the spec language only
+
+    registered = REGISTRY.get(spec.name)
+    return registered is not None and bool(registered.torch_class)
+
+
 def _fuse(
-    node: Expr, info: Mapping[Expr, NodeInfo], uses: Mapping[Expr, int], absorbed: set[Expr]
+    node: Expr, info: Mapping[Expr, NodeInfo], uses: Mapping[Expr, int], absorbed: set[Expr], lerp: bool = True
 ) -> tuple[Form, tuple[Expr, ...]] | None:
     """A fused form of ``node`` and the nodes it absorbs, or ``None``.
 
-    * ``β·x + (1 − β)·y`` → ``lerp(x, y, 1 − β)`` (one pass, torch.optim's moment update);
+    * ``β·x + (1 − β)·y`` → ``lerp(x, y, 1 − β)`` (one pass, torch.optim's moment update; only with
+      ``lerp``);
     * ``a ± s·(b/c)`` → ``addcdiv(a, b, c, value=±s)``; ``a ± s·b·c``, ``a ± s·b²`` →
       ``addcmul``; ``a ± s·b`` → ``add(a, b, alpha=±s)``.
 
@@ -214,7 +231,7 @@ def _fuse(
     if node.op is Op.ADD:
         mx, my = _scaled(x, info), _scaled(y, info)
         # lerp reads y once; keep a ± s·b·c (addcmul) instead where y is itself a product (no temporary)
-        if mx and my and single(x) and single(y) and fits(mx[1], my[1]):
+        if lerp and mx and my and single(x) and single(y) and fits(mx[1], my[1]):
             for (beta, start), (weight, end) in ((mx, my), (my, mx)):
                 if _is_one_minus(weight, beta) and not (end.op in products and single(end)):
                     return Form("lerp", (start, end), weight), (x, y)
