@@ -104,7 +104,10 @@ class BoundEvaluator:
     """Memoised (value, error, drift) evaluation of a spec's expressions for one parameter and step.
 
     ``param_drift`` and the states' ``drift`` are the free-running bounds of the inputs;
-    with ``track_drift`` false only the lock-step ``error`` is computed.
+    with ``track_drift`` false only the lock-step ``error`` is computed. ``u`` is the unit
+    roundoff of element-wise operations, ``scalar_u`` (default ``u``) that of hyperparameters,
+    constants and step-only scalars, which an implementation that computes in bfloat16 still
+    holds as host or float32 numbers.
     """
 
     def __init__(
@@ -118,9 +121,11 @@ class BoundEvaluator:
         states: Mapping[str, Bounded],
         scalar_memo: dict[Expr, Bounded] | None = None,
         param_drift: Tensor | None = None,
+        scalar_u: float | None = None,
     ) -> None:
         self.spec = spec
         self.u = u
+        self.scalar_u = u if scalar_u is None else scalar_u
         self.param, self.grad, self.step = param, grad, step
         self.hypers, self.states = hypers, states
         self.param_drift = param_drift
@@ -147,7 +152,7 @@ class BoundEvaluator:
         zero = _ZERO if self.track_drift else None
         if op is Op.CONST or op is Op.HYPER:
             v = host_scalar(float(node.value or 0.0)) if op is Op.CONST else host_scalar(self.hypers[str(node.value)])
-            return Bounded(v, self.u * v.abs(), zero)
+            return Bounded(v, self.scalar_u * v.abs(), zero)
         if op is Op.STEP:
             return Bounded.exact(host_scalar(self.step), zero)
         if op is Op.PARAM:
@@ -169,7 +174,8 @@ class BoundEvaluator:
             drift = _uncertain(node.op, [a.channel(True) for a in args]) if self.track_drift else None
             return Bounded(value, _uncertain(node.op, args), drift)
         rule = _ERROR_RULES[node.op]
-        error = _nan_to_inf(rule(value, args, self.u))
+        u = self.scalar_u if _is_step_scalar(self.spec, node) else self.u
+        error = _nan_to_inf(rule(value, args, u))
         drift = _nan_to_inf(rule(value, [a.channel(True) for a in args], 0.0)) if self.track_drift else None
         return Bounded(value, error, drift)
 
@@ -333,10 +339,15 @@ _ERROR_RULES: dict[Op, ErrorRule] = {
 
 
 def initial_states(
-    spec: Spec, u: float, param: Tensor, grad: Tensor, hypers: Mapping[str, float | Tensor]
+    spec: Spec,
+    u: float,
+    param: Tensor,
+    grad: Tensor,
+    hypers: Mapping[str, float | Tensor],
+    scalar_u: float | None = None,
 ) -> dict[str, Bounded]:
     """Each state's initial value and bound, broadcast to its storage shape."""
-    ev = BoundEvaluator(spec, u, param, grad, 0.0, hypers, {})
+    ev = BoundEvaluator(spec, u, param, grad, 0.0, hypers, {}, scalar_u=scalar_u)
     return {decl.name: ev(decl.init).expanded(state_shape(decl, param.shape)) for decl in spec.states}
 
 
@@ -350,13 +361,14 @@ def bounded_step(
     states: Mapping[str, Bounded],
     scalar_memo: dict[Expr, Bounded] | None = None,
     param_drift: Tensor | None = None,
+    scalar_u: float | None = None,
 ) -> tuple[dict[str, Bounded], Bounded]:
     """New value and bounds of every state and of the parameter (float64, nothing written).
 
     ``scalar_memo`` may be shared by the tensors of one param group at one step; with
     ``param_drift`` (and the states' drifts) the free-running bound is propagated too.
     """
-    ev = BoundEvaluator(spec, u, param, grad, step, hypers, states, scalar_memo, param_drift)
+    ev = BoundEvaluator(spec, u, param, grad, step, hypers, states, scalar_memo, param_drift, scalar_u)
     new_states = {name: ev(expr).expanded(tuple(states[name].value.shape)) for name, expr in spec.updates}
     return new_states, ev(spec.param_update).expanded(tuple(param.shape))
 

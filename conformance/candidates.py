@@ -28,6 +28,7 @@ can compare it and re-sync it (lock-step).
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -114,6 +115,18 @@ class Implementation(Protocol):
 
     def instantiate(self, setup: Setup) -> Instance:
         """An instance holding ``setup.params``."""
+
+
+def implementation_note(impl: object) -> str:
+    """The implementation's ``note``, if it has one: what its name does not say, for the reports.
+
+    An implementation (or a backend) may carry ``note = "CPU emulation of torch_npu.npu_apply_adam_w's
+    documented semantics"``; the reports print it next to the name, wherever the name appears.
+    """
+    note = getattr(impl, "note", None)
+    if not note and isinstance(impl, BackendImplementation):
+        note = getattr(impl.backend, "note", None)
+    return str(note) if note else ""
 
 
 def front_end_reason(case: Case, precision: Precision) -> str | None:
@@ -220,7 +233,21 @@ class BackendImplementation:
     def instantiate(self, setup: Setup) -> Instance:
         if setup.needs_front_end:
             return front_end_instance(setup, backend=self.backend.name)
-        return StepFunctionInstance(self.backend.build(setup.spec), setup.params, setup.groups, setup.group_hypers)
+        return StepFunctionInstance(
+            built_step(self.backend, setup.spec), setup.params, setup.groups, setup.group_hypers
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def built_step(backend: Backend, spec: Spec) -> StepFunction:
+    """``backend.build(spec)``, once per process for equal specs.
+
+    Step functions keep no per-parameter state (that is in the state dicts), so the lock-step
+    and free-running instances of a run, its diagnosis and every case with the same spec share
+    one: the compiled backend traces and compiles each kernel once per process instead of
+    twice per run.
+    """
+    return backend.build(spec)
 
 
 def front_end_instance(setup: Setup, backend: str) -> Instance:

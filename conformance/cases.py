@@ -19,8 +19,9 @@ or caches a bias correction across groups is caught.
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from portopt.algorithms import ALGORITHMS, get_spec
@@ -247,3 +248,8 @@ def find_case(name: str, cases: Iterable[Case]) -> Case:
         return table[name]
     except KeyError:
         raise ValueError(f"unknown case {name!r}; cases: {', '.join(sorted(table))}") from None
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """``name`` equals a pattern or matches it as a glob (case names contain ``[``, a glob character)."""
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -102,6 +102,7 @@ class Reference:
         self.param_dtype = precision.update_dtype  # the master copy's dtype under master weights
         self.state_dtype = precision.state_dtype
         self.u = precision.unit_roundoff
+        self.scalar_u = precision.scalar_roundoff
         self.bound_factor = bound_factor
         self.skip_nonfinite = skip_nonfinite
 
@@ -157,7 +158,7 @@ class Reference:
             memo = scalars.setdefault((group, t), {})
             param_drift = None if drift is None else drift[PARAM]
             new_states, new_param = bounded_step(
-                spec, self.u, x.params[i], grad, float(t), hypers, inputs, memo, param_drift
+                spec, self.u, x.params[i], grad, float(t), hypers, inputs, memo, param_drift, self.scalar_u
             )
             outcomes.append(Outcome(True, new_param, new_states, t))
         return outcomes
@@ -190,7 +191,7 @@ class Reference:
         """Initial states rounded to the storage format; the rounding is an input error in both
         bounds, since an implementation may create them more (or less) precisely."""
         out: dict[str, Bounded] = {}
-        for name, b in initial_states(spec, self.u, param, grad, hypers).items():
+        for name, b in initial_states(spec, self.u, param, grad, hypers, self.scalar_u).items():
             stored = round_to(b.value, self.state_dtype)
             rounding = (stored - b.value).abs() + b.error
             out[name] = Bounded(stored, rounding, rounding if track_drift else None)

@@ -1,136 +1,114 @@
-"""Diagnosis of a failing run: where it first diverged, and what the implementation computes instead.
+"""Diagnosis of a failing run: where it diverged, which elements differ, and what it computes instead.
 
 The implementation is run again in lock-step (re-synced to the reference chain before
-every step) and, at every step, its outputs are compared with each known variant of the
-spec (:mod:`portopt.conformance.variants`) evaluated by the reference *on the same
-inputs*, with the same tolerance (a variant is dropped at its first miss, so a score above
-1 is a lower bound). A variant that stays within tolerance at every step and for every
-tensor is what the implementation computes: "torch.optim.Adam computes adam with
-ε inside the square root". A mismatch confined to a few elements is reported as such, and
-as "not updated" when those elements kept their previous value.
+every step). At every step:
+
+* its outputs are compared, element by element, with the spec (the reference), and the
+  elements that differ feed :class:`~portopt.conformance.patterns.Evidence`: the *element
+  pattern* (a float32 overflow in the huge-gradient regime, a fixed subset of elements,
+  strided tensors only, SIMD-block bodies or tails, the smallest gradients only) is
+  reported separately from the algebra, since a kernel can compute the right formula on
+  the wrong elements;
+* they are compared with each known variant of the spec
+  (:mod:`portopt.conformance.variants`) evaluated by the reference *on the same inputs*,
+  with the same tolerance; a variant is dropped at its first miss (so a score above 1 is
+  a lower bound). A variant that stays within tolerance at every step and for every
+  tensor is what the implementation computes: "torch.optim.Adam computes adam with ε
+  inside the square root".
+
+When no single variant matches, every pair of variants is tried on the recorded steps
+(:func:`~portopt.conformance.variants.variant_pairs`), and a pair that matches is
+reported with both differences ("RAdam rectified when ρ_t > 4, and an uncorrected
+second moment"). Problems above :data:`PAIR_SEARCH_ELEMENTS` elements skip the pair search
+(their steps are not kept).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from portopt.conformance.candidates import Implementation, Instance
+from portopt.conformance.candidates import Implementation
 from portopt.conformance.cases import Case
 from portopt.conformance.chain import Outcome, StepRecord, Trajectory
-from portopt.conformance.precision import Precision
-from portopt.conformance.problems import GRAD_EVERY_STEP, Layout, TensorSpec
+from portopt.conformance.patterns import Evidence, Pattern, analyse
+from portopt.conformance.precision import OP_BY_OP_HINT, Precision
+from portopt.conformance.problems import memory_order
 from portopt.conformance.results import LOCKSTEP, Diagnosis, RunResult, VariantScore
 from portopt.conformance.runner import new_trajectory
 from portopt.conformance.session import device_grads, new_instance, sync
 from portopt.conformance.tolerance import Tolerance, allowed_error, compare, error_ratio
-from portopt.conformance.variants import Variant, known_variants
+from portopt.conformance.variants import Variant, known_variants, variant_pairs
 from portopt.spec.definition import Spec
 
 F64 = torch.float64
-LOCALIZED_FRACTION = 0.01
-"""A mismatch on at most this fraction of a tensor's elements (or 3 elements) is "localised"."""
+PAIR_SEARCH_ELEMENTS = 200_000
+"""Problems up to this many elements keep every step of the re-run for the search of variant pairs."""
+_COMPUTE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", F64: "float64"}
 
 
-def _worst_per_tensor(
-    instance: Instance,
+@dataclass
+class Observed:
+    """One step of the re-run: the chain's record, the implementation's own states before the step
+    (for states the chain does not hold), and its parameters and states after it."""
+
+    record: StepRecord
+    own: list[dict[str, Tensor]]
+    params: list[Tensor]
+    states: list[dict[str, Tensor]]
+
+
+def _over(got: Tensor, expected: Tensor, allowed: Tensor) -> Tensor:
+    return error_ratio(got, expected, allowed.expand(expected.shape)) > 1.0
+
+
+def _worst(
+    params: Sequence[Tensor],
     outcomes: list[Outcome],
     current: list[dict[str, Tensor]],
     param_dtype: torch.dtype,
     tol: Tolerance,
-) -> list[float]:
-    """The worst normalised error of each tensor against ``outcomes`` (parameter and shared states)."""
-    worst: list[float] = []
+) -> float:
+    """The worst normalised error of every tensor against ``outcomes`` (parameter and shared states)."""
+    worst = 0.0
     for i, o in enumerate(outcomes):
         allowed = allowed_error(o.param.error, o.param.value, param_dtype, tol.bound_factor)
-        cmp = compare(instance.params[i], o.param.value, allowed, tol.lockstep_mismatch)
-        here = cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9)
+        cmp = compare(params[i], o.param.value, allowed, tol.lockstep_mismatch)
+        worst = max(worst, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
         for name, b in (o.states or {}).items():
             got = current[i].get(name)
             if got is None or tuple(got.shape) != tuple(b.value.shape):
                 continue
             allowed = allowed_error(b.error, b.value, got.dtype, tol.bound_factor)
             cmp = compare(got, b.value, allowed, tol.lockstep_mismatch)
-            here = max(here, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
-        worst.append(here)
+            worst = max(worst, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
     return worst
 
 
-def _worst(
-    instance: Instance,
-    outcomes: list[Outcome],
-    current: list[dict[str, Tensor]],
-    param_dtype: torch.dtype,
-    tol: Tolerance,
-) -> float:
-    return max(_worst_per_tensor(instance, outcomes, current, param_dtype, tol), default=0.0)
-
-
-def _tensor_properties(tensors: tuple[TensorSpec, ...]) -> list[tuple[str, set[int]]]:
-    """Named sets of tensors that a layout- or size-specific bug would hit."""
-
-    def members(pred: Callable[[TensorSpec], bool]) -> set[int]:
-        return {i for i, t in enumerate(tensors) if pred(t)}
-
-    named = [
-        ("strided (a view of every other row of a larger buffer)", members(lambda t: t.layout is Layout.STRIDED)),
-        ("transposed (a permuted view)", members(lambda t: t.layout is Layout.TRANSPOSED)),
-        ("non-contiguous", members(lambda t: t.layout is not Layout.CONTIGUOUS)),
-        ("0-dimensional", members(lambda t: len(t.shape) == 0)),
-        ("with fewer than 2 elements", members(lambda t: t.numel < 2)),
-        ("without a gradient at some steps", members(lambda t: t.grads != GRAD_EVERY_STEP)),
-    ]
-    for group in sorted({t.group for t in tensors}):
-        named.append((f"of param group {group}", {i for i, t in enumerate(tensors) if t.group == group}))
-    return named
-
-
-def _tensor_pattern(tensors: tuple[TensorSpec, ...], failing: set[int], labels: list[str]) -> str | None:
-    """ "only the strided tensors differ" when the failures share a property the passing tensors lack."""
-    if not failing:
-        return None
-    fitting = [(len(m), text, m) for text, m in _tensor_properties(tensors) if failing <= m and len(m) < len(tensors)]
-    if not fitting:
-        return None
-    _, text, _ = min(fitting, key=lambda f: f[0])
-    names = ", ".join(labels[i] for i in sorted(failing))
-    return f"only tensors {text} differ ({names}); every other tensor matches the spec"
-
-
-def _localized(
-    instance: Instance,
-    outcomes: list[Outcome],
-    before: tuple[Tensor, ...],
-    labels: list[str],
-    tol: Tolerance,
-    dtype: torch.dtype,
-) -> str | None:
-    """A description of a mismatch confined to a few parameter elements, or ``None``."""
-    parts: list[str] = []
-    skipped_everywhere = True
-    for i, o in enumerate(outcomes):
-        allowed = allowed_error(o.param.error, o.param.value, dtype, tol.bound_factor)
-        ratio = error_ratio(instance.params[i], o.param.value, allowed.expand(o.param.value.shape))
-        over = (ratio > 1.0).reshape(-1)
-        count = int(over.sum())
-        if count == 0:
-            continue
-        numel = over.numel()
-        if count > max(3, LOCALIZED_FRACTION * numel):
-            return None
-        got = instance.params[i].detach().to(device="cpu", dtype=F64).reshape(-1)
-        unchanged = bool((got[over] == before[i].reshape(-1)[over]).all())
-        moved = bool((o.param.value.reshape(-1)[over] != before[i].reshape(-1)[over]).all())
-        skipped_everywhere = skipped_everywhere and unchanged and moved
-        index = [int(k) for k in torch.nonzero(over).reshape(-1)[:5]]
-        parts.append(f"tensor {labels[i]}: {count} of {numel} element(s) at flat index {index}")
-    if not parts:
-        return None
-    what = "the update is skipped on" if skipped_everywhere else "the result differs only on"
-    return f"{what} " + "; ".join(parts)
+def _observe(evidence: Evidence, seen: Observed, param_dtype: torch.dtype, tol: Tolerance, mismatch: float) -> float:
+    """Feed one step to ``evidence``; the step's worst normalised error against the spec."""
+    worst = 0.0
+    record = seen.record
+    for i, o in enumerate(record.outcomes):
+        allowed = allowed_error(o.param.error, o.param.value, param_dtype, tol.bound_factor)
+        over = _over(seen.params[i], o.param.value, allowed)
+        cmp = compare(seen.params[i], o.param.value, allowed, mismatch)
+        worst = max(worst, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
+        for name, b in (o.states or {}).items():
+            got = seen.states[i].get(name)
+            if got is None or tuple(got.shape) != tuple(b.value.shape):
+                continue
+            state_allowed = allowed_error(b.error, b.value, got.dtype, tol.bound_factor)
+            cmp = compare(got, b.value, state_allowed, mismatch)
+            worst = max(worst, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
+            if tuple(b.value.shape) == tuple(o.param.value.shape):
+                over = over | _over(got, b.value, state_allowed)
+        evidence.add(i, over, seen.params[i], record.before.params[i], o.param.value, allowed, record.grads[i])
+    return worst
 
 
 def diagnose(
@@ -143,19 +121,21 @@ def diagnose(
     tol: Tolerance,
     result: RunResult,
 ) -> Diagnosis:
-    """Re-run ``impl`` in lock-step against every known variant and explain the failure."""
+    """Re-run ``impl`` in lock-step against the spec and every known variant, and explain the failure."""
     if not trajectory.keep_history:
         trajectory = new_trajectory(case, spec, precision, trajectory.reference.source)
     reference = trajectory.reference
     source = reference.source
     n = len(source.tensors)
+    labels = [source.label(i) for i in range(n)]
     variants = known_variants(case, spec, reference.group_hypers)
     instance = new_instance(case, spec, impl, source, reference.group_hypers, precision, device)
+    evidence = Evidence(source.tensors, [memory_order(p) for p in instance.params])
+    keep = sum(t.numel for t in source.tensors) <= PAIR_SEARCH_ELEMENTS
+    steps: list[Observed] = []
     scores = {v.name: 0.0 for v in variants}
     as_specified = 0.0
-    failing: set[int] = set()
-    localized: str | None = None
-    labels = [source.label(i) for i in range(n)]
+    skipped_step: str | None = None
     for t in range(1, case.steps + 1):
         record = trajectory.step(t)
         if t > 1:
@@ -163,37 +143,84 @@ def diagnose(
         own = [{k: v.detach().clone() for k, v in instance.read_state(i).items()} for i in range(n)]
         with torch.no_grad():
             instance.step(device_grads(record.grads, source, precision.param_dtype, device))
-        current = [instance.read_state(i) for i in range(n)]
-        per_tensor = _worst_per_tensor(instance, record.outcomes, current, precision.param_dtype, tol)
-        failing |= {i for i, w in enumerate(per_tensor) if w > 1.0}
-        worst_here = max(per_tensor, default=0.0)
+        seen = Observed(
+            record,
+            own,
+            [p.detach().to(device="cpu").clone() for p in instance.params],
+            [{k: v.detach().to(device="cpu").clone() for k, v in instance.read_state(i).items()} for i in range(n)],
+        )
+        worst_here = _observe(evidence, seen, precision.param_dtype, tol, tol.lockstep_mismatch)
         as_specified = max(as_specified, worst_here)
         nonfinite = any(g is not None and not bool(torch.isfinite(g).all()) for g in record.grads)
-        if worst_here > 1.0 and localized is None and nonfinite and reference.skip_nonfinite:
-            localized = f"the step with inf/NaN gradients (step {t}) was not skipped: it changed parameters or states"
-        if worst_here > 1.0 and localized is None:
-            localized = (
-                _localized(instance, record.outcomes, record.before.params, labels, tol, precision.param_dtype) or ""
+        if worst_here > 1.0 and skipped_step is None and nonfinite and reference.skip_nonfinite:
+            skipped_step = (
+                f"the step with inf/NaN gradients (step {t}) was not skipped: it changed parameters or states"
             )
-        for v in variants:
-            if scores[v.name] > 1.0:
-                continue  # no longer a match: its score so far is a lower bound, enough to rank it
-            outcomes = _variant_outcomes(trajectory, record, v, own)
-            worst = math.inf if outcomes is None else _worst(instance, outcomes, current, precision.param_dtype, tol)
-            scores[v.name] = max(scores[v.name], worst)
-    ranked = sorted(
-        (VariantScore(v.name, v.description, scores[v.name], scores[v.name] <= 1.0) for v in variants),
-        key=lambda s: s.worst if math.isfinite(s.worst) else math.inf,
-    )
+        _score(trajectory, seen, variants, scores, precision.param_dtype, tol)
+        if keep:
+            steps.append(seen)
+    ranked = _ranked(variants, scores)
     matched = next((s for s in ranked if s.matched), None)
-    localized = localized or _tensor_pattern(source.tensors, failing, labels)
+    pairs: list[VariantScore] = []
+    if matched is None and keep and as_specified > 1.0:
+        pairs = _pair_scores(case, trajectory, variants, steps, precision.param_dtype, tol)
+        if any(p.matched for p in pairs):
+            matched = next(p for p in pairs if p.matched)
+            ranked = sorted([*pairs[:3], *ranked], key=_rank_key)
+    found = analyse(evidence, labels, _COMPUTE_NAMES.get(precision.compute_dtype, str(precision.compute_dtype)))
+    if skipped_step is not None:
+        found.insert(0, Pattern("nonfinite-step", skipped_step))
+    localized = "; ".join(p.text for p in found) or None
     return Diagnosis(
-        summary=_summary(case, spec, impl, result, matched, ranked, localized or None, as_specified),
+        summary=_summary(spec, impl, precision, result, matched, ranked, localized, as_specified),
         first_divergence=result.first_failure,
-        localized=localized or None,
+        localized=localized,
         matched=matched,
         scores=ranked,
+        pattern=found[0].kind if found else None,
     )
+
+
+def _score(
+    trajectory: Trajectory,
+    seen: Observed,
+    variants: Sequence[Variant],
+    scores: dict[str, float],
+    param_dtype: torch.dtype,
+    tol: Tolerance,
+) -> None:
+    for v in variants:
+        if scores[v.name] > 1.0:
+            continue  # no longer a match: its score so far is a lower bound, enough to rank it
+        outcomes = _variant_outcomes(trajectory, seen.record, v, seen.own)
+        worst = math.inf if outcomes is None else _worst(seen.params, outcomes, seen.states, param_dtype, tol)
+        scores[v.name] = max(scores[v.name], worst)
+
+
+def _rank_key(s: VariantScore) -> float:
+    return s.worst if math.isfinite(s.worst) else math.inf
+
+
+def _ranked(variants: Sequence[Variant], scores: dict[str, float]) -> list[VariantScore]:
+    return sorted(
+        (VariantScore(v.name, v.description, scores[v.name], scores[v.name] <= 1.0) for v in variants), key=_rank_key
+    )
+
+
+def _pair_scores(
+    case: Case,
+    trajectory: Trajectory,
+    singles: Sequence[Variant],
+    steps: Sequence[Observed],
+    param_dtype: torch.dtype,
+    tol: Tolerance,
+) -> list[VariantScore]:
+    """Every pair of variants scored on the recorded steps, closest first."""
+    pairs = variant_pairs(case, singles)
+    scores = {v.name: 0.0 for v in pairs}
+    for seen in steps:
+        _score(trajectory, seen, pairs, scores, param_dtype, tol)
+    return _ranked(pairs, scores)
 
 
 def _variant_outcomes(
@@ -209,9 +236,9 @@ def _variant_outcomes(
 
 
 def _summary(
-    case: Case,
     spec: Spec,
     impl: Implementation,
+    precision: Precision,
     result: RunResult,
     matched: VariantScore | None,
     ranked: list[VariantScore],
@@ -221,18 +248,31 @@ def _summary(
     first = result.first_failure.describe() if result.first_failure else "no comparison failed"
     if result.first_failure is not None and result.first_failure.message:  # a missing state, a wrong counter
         return f"{impl.name}: {first}"
+    pattern = f" Element pattern: {localized}." if localized else ""
+    contract = _contract(precision)
+    if matched is not None and len(matched.name.split(" + ")) > 1:
+        first_part, second_part = matched.description.split("; and ", 1)
+        return (
+            f"{impl.name} computes {spec.title} with two differences: {first_part} [{matched.name.split(' + ')[0]}], "
+            f"and {second_part} [{matched.name.split(' + ')[1]}].{pattern} First divergence: {first}"
+        )
     if matched is not None:
         return (
-            f"{impl.name} computes {spec.title} with {matched.description} [{matched.name}]. First divergence: {first}"
+            f"{impl.name} computes {spec.title} with {matched.description} [{matched.name}].{pattern} "
+            f"First divergence: {first}"
         )
     if localized:
-        return f"{impl.name}: {localized}. First divergence: {first}"
+        return (
+            f"{impl.name}: {localized}. No known variant of {spec.title} (single, or two at once) computes this."
+            f"{contract} First divergence: {first}"
+        )
     if as_specified <= 1.0 and result.first_failure is not None and result.first_failure.mode != LOCKSTEP:
         return (
-            f"{impl.name} follows {spec.title} step by step but drifts away over many steps. First divergence: {first}"
+            f"{impl.name} follows {spec.title} step by step but drifts away over many steps.{contract} "
+            f"First divergence: {first}"
         )
     if as_specified <= 1.0:
-        return f"{impl.name}: {first}"
+        return f"{impl.name}: {first}{contract}"
     nearest = ranked[0] if ranked else None
     hint = (
         f"; the nearest known variant is {nearest.description} [{nearest.name}] "
@@ -240,4 +280,12 @@ def _summary(
         if nearest is not None and math.isfinite(nearest.worst)
         else ""
     )
-    return f"{impl.name} matches no known variant of {spec.title}{hint}. First divergence: {first}"
+    return f"{impl.name} matches no known variant of {spec.title}{hint}.{contract} First divergence: {first}"
+
+
+def _contract(precision: Precision) -> str:
+    """The precision's contract, and the other one an implementation may follow, for a failure message."""
+    hint = OP_BY_OP_HINT.get(precision.name)
+    if hint is None:
+        return ""
+    return f" The precision contract is {precision.contract}; {hint}."

@@ -183,6 +183,20 @@ def materialise(values: Tensor, spec: TensorSpec, dtype: torch.dtype, device: to
     return cast.to(device).clone()
 
 
+def memory_order(t: Tensor) -> Tensor:
+    """The flat (row-major) indices of ``t``'s elements in the order they lie in memory.
+
+    For a contiguous tensor this is ``arange(numel)``; for a transposed view it is the order of
+    the buffer behind it, which is what a vectorised kernel walks (its SIMD blocks and tail).
+    """
+    offsets = torch.zeros(tuple(t.shape), dtype=torch.long)
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)):
+        shape = [1] * t.dim()
+        shape[dim] = size
+        offsets = offsets + torch.arange(size, dtype=torch.long).view(shape) * stride
+    return torch.argsort(offsets.reshape(-1), stable=True)
+
+
 def _quick_tensors() -> tuple[TensorSpec, ...]:
     return (
         TensorSpec((0,), group=0),

@@ -73,13 +73,17 @@ class VariantScore:
 
 @dataclass
 class Diagnosis:
-    """Why a run failed: first divergence, localised pattern, and the variant it computes."""
+    """Why a run failed: first divergence, the element pattern (``localized``), and the variant it
+    computes (``matched``: one variant, or two joined by " + ")."""
 
     summary: str
     first_divergence: Divergence | None = None
     localized: str | None = None
     matched: VariantScore | None = None
     scores: list[VariantScore] = field(default_factory=list)
+    pattern: str | None = None
+    """The kind of the element pattern (``overflow``, ``fixed-subset``, ``tensors:strided``,
+    ``simd-body:16``, ``values:small``, ...); ``localized`` says it in words."""
 
 
 @dataclass
@@ -103,6 +107,10 @@ class RunResult:
     overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    failed_tensors: dict[str, int] = field(default_factory=dict)
+    """Every tensor that left the tolerance (in either mode), with the first step it did."""
+    implementation_note: str = ""
+    """What the implementation is, where its name does not say it (an emulation, a vendor op's contract)."""
 
     @property
     def borderline(self) -> bool:
