@@ -138,30 +138,45 @@ class Reference:
         ``track_drift`` the inputs' free-running allowances are propagated. With
         ``skip_nonfinite``, a step with an inf/NaN gradient anywhere changes nothing.
         """
+        scalars: dict[tuple[int, int], dict[Expr, Bounded]] = {}
+        return [
+            self.advance_tensor(x, grads, i, spec, group_hypers, extra_states, track_drift, scalars)
+            for i in range(len(grads))
+        ]
+
+    def advance_tensor(
+        self,
+        x: Snapshot,
+        grads: Sequence[Tensor | None],
+        i: int,
+        spec: Spec | None = None,
+        group_hypers: Sequence[Mapping[str, float]] | None = None,
+        extra_states: Sequence[Mapping[str, Tensor]] | None = None,
+        track_drift: bool = True,
+        scalars: dict[tuple[int, int], dict[Expr, Bounded]] | None = None,
+    ) -> Outcome:
+        """``R_t`` of tensor ``i`` alone (see :meth:`advance`; ``scalars`` shares the step-only
+        scalars of one spec between the tensors of a group)."""
         spec = spec or self.spec
         group_hypers = group_hypers or self.group_hypers
-        scalars: dict[tuple[int, int], dict[Expr, Bounded]] = {}
-        outcomes: list[Outcome] = []
+        grad = grads[i]
+        held = x.states[i]
         skipped = self.skip_nonfinite and any(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
-        for i, grad in enumerate(grads):
-            held = x.states[i]
-            if grad is None or skipped:
-                states = None if held is None else {k: Bounded.exact(v) for k, v in held.items()}
-                outcomes.append(Outcome(False, Bounded.exact(x.params[i]), states, x.steps[i]))
-                continue
-            group = self.source.tensors[i].group
-            hypers = group_hypers[group]
-            t = x.steps[i] + 1
-            extra = None if extra_states is None else extra_states[i]
-            drift = x.drift[i] if track_drift else None
-            inputs = self._inputs(spec, x.params[i], grad, hypers, held, extra, drift)
-            memo = scalars.setdefault((group, t), {})
-            param_drift = None if drift is None else drift[PARAM]
-            new_states, new_param = bounded_step(
-                spec, self.u, x.params[i], grad, float(t), hypers, inputs, memo, param_drift, self.scalar_u
-            )
-            outcomes.append(Outcome(True, new_param, new_states, t))
-        return outcomes
+        if grad is None or skipped:
+            states = None if held is None else {k: Bounded.exact(v) for k, v in held.items()}
+            return Outcome(False, Bounded.exact(x.params[i]), states, x.steps[i])
+        group = self.source.tensors[i].group
+        hypers = group_hypers[group]
+        t = x.steps[i] + 1
+        extra = None if extra_states is None else extra_states[i]
+        drift = x.drift[i] if track_drift else None
+        inputs = self._inputs(spec, x.params[i], grad, hypers, held, extra, drift)
+        memo = (scalars if scalars is not None else {}).setdefault((group, t), {})
+        param_drift = None if drift is None else drift[PARAM]
+        new_states, new_param = bounded_step(
+            spec, self.u, x.params[i], grad, float(t), hypers, inputs, memo, param_drift, self.scalar_u
+        )
+        return Outcome(True, new_param, new_states, t)
 
     def _inputs(
         self,

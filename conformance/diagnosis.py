@@ -16,7 +16,9 @@ every step). At every step:
   tensor is what the implementation computes: "torch.optim.Adam computes adam with ε
   inside the square root".
 
-When no single variant matches, every pair of variants is tried on the recorded steps
+When no single variant matches and the element pattern does not already name a
+structural cause (a layout, SIMD blocks, an overflow: no formula computes those), every
+pair of variants is tried on the recorded steps
 (:func:`~portopt.conformance.variants.variant_pairs`), and a pair that matches is
 reported with both differences ("RAdam rectified when ρ_t > 4, and an uncorrected
 second moment"). Problems above :data:`PAIR_SEARCH_ELEMENTS` elements skip the pair search
@@ -27,11 +29,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from portopt.conformance.bounds import Bounded
 from portopt.conformance.candidates import Implementation
 from portopt.conformance.cases import Case
 from portopt.conformance.chain import Outcome, StepRecord, Trajectory
@@ -44,6 +47,7 @@ from portopt.conformance.session import device_grads, new_instance, sync
 from portopt.conformance.tolerance import Tolerance, allowed_error, compare, error_ratio
 from portopt.conformance.variants import Variant, known_variants, variant_pairs
 from portopt.spec.definition import Spec
+from portopt.spec.expr import Expr
 
 F64 = torch.float64
 PAIR_SEARCH_ELEMENTS = 200_000
@@ -60,55 +64,46 @@ class Observed:
     own: list[dict[str, Tensor]]
     params: list[Tensor]
     states: list[dict[str, Tensor]]
+    worst_first: list[int] = field(default_factory=list)
 
 
 def _over(got: Tensor, expected: Tensor, allowed: Tensor) -> Tensor:
     return error_ratio(got, expected, allowed.expand(expected.shape)) > 1.0
 
 
-def _worst(
-    params: Sequence[Tensor],
-    outcomes: list[Outcome],
-    current: list[dict[str, Tensor]],
-    param_dtype: torch.dtype,
-    tol: Tolerance,
+def _worst_tensor(
+    param: Tensor, o: Outcome, current: dict[str, Tensor], param_dtype: torch.dtype, tol: Tolerance
 ) -> float:
-    """The worst normalised error of every tensor against ``outcomes`` (parameter and shared states)."""
-    worst = 0.0
-    for i, o in enumerate(outcomes):
-        allowed = allowed_error(o.param.error, o.param.value, param_dtype, tol.bound_factor)
-        cmp = compare(params[i], o.param.value, allowed, tol.lockstep_mismatch)
+    """The worst normalised error of one tensor against outcome ``o`` (parameter and shared states)."""
+    allowed = allowed_error(o.param.error, o.param.value, param_dtype, tol.bound_factor)
+    cmp = compare(param, o.param.value, allowed, tol.lockstep_mismatch)
+    worst = cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9)
+    for name, b in (o.states or {}).items():
+        got = current.get(name)
+        if got is None or tuple(got.shape) != tuple(b.value.shape):
+            continue
+        allowed = allowed_error(b.error, b.value, got.dtype, tol.bound_factor)
+        cmp = compare(got, b.value, allowed, tol.lockstep_mismatch)
         worst = max(worst, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
-        for name, b in (o.states or {}).items():
-            got = current[i].get(name)
-            if got is None or tuple(got.shape) != tuple(b.value.shape):
-                continue
-            allowed = allowed_error(b.error, b.value, got.dtype, tol.bound_factor)
-            cmp = compare(got, b.value, allowed, tol.lockstep_mismatch)
-            worst = max(worst, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
     return worst
 
 
-def _observe(evidence: Evidence, seen: Observed, param_dtype: torch.dtype, tol: Tolerance, mismatch: float) -> float:
-    """Feed one step to ``evidence``; the step's worst normalised error against the spec."""
-    worst = 0.0
+def _observe(evidence: Evidence, seen: Observed, param_dtype: torch.dtype, tol: Tolerance) -> float:
+    """Feed one step to ``evidence``; the step's worst normalised error against the spec. Sets
+    ``seen.worst_first``: the tensors from the worst, the first a variant must explain."""
     record = seen.record
+    per_tensor: list[float] = []
     for i, o in enumerate(record.outcomes):
         allowed = allowed_error(o.param.error, o.param.value, param_dtype, tol.bound_factor)
         over = _over(seen.params[i], o.param.value, allowed)
-        cmp = compare(seen.params[i], o.param.value, allowed, mismatch)
-        worst = max(worst, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
         for name, b in (o.states or {}).items():
             got = seen.states[i].get(name)
-            if got is None or tuple(got.shape) != tuple(b.value.shape):
-                continue
-            state_allowed = allowed_error(b.error, b.value, got.dtype, tol.bound_factor)
-            cmp = compare(got, b.value, state_allowed, mismatch)
-            worst = max(worst, cmp.worst if cmp.passed else max(cmp.worst, 1.0 + 1e-9))
-            if tuple(b.value.shape) == tuple(o.param.value.shape):
-                over = over | _over(got, b.value, state_allowed)
+            if got is not None and tuple(got.shape) == tuple(b.value.shape) == tuple(o.param.value.shape):
+                over = over | _over(got, b.value, allowed_error(b.error, b.value, got.dtype, tol.bound_factor))
         evidence.add(i, over, seen.params[i], record.before.params[i], o.param.value, allowed, record.grads[i])
-    return worst
+        per_tensor.append(_worst_tensor(seen.params[i], o, seen.states[i], param_dtype, tol))
+    seen.worst_first = sorted(range(len(per_tensor)), key=lambda i: -per_tensor[i])
+    return max(per_tensor, default=0.0)
 
 
 def diagnose(
@@ -149,7 +144,7 @@ def diagnose(
             [p.detach().to(device="cpu").clone() for p in instance.params],
             [{k: v.detach().to(device="cpu").clone() for k, v in instance.read_state(i).items()} for i in range(n)],
         )
-        worst_here = _observe(evidence, seen, precision.param_dtype, tol, tol.lockstep_mismatch)
+        worst_here = _observe(evidence, seen, precision.param_dtype, tol)
         as_specified = max(as_specified, worst_here)
         nonfinite = any(g is not None and not bool(torch.isfinite(g).all()) for g in record.grads)
         if worst_here > 1.0 and skipped_step is None and nonfinite and reference.skip_nonfinite:
@@ -161,15 +156,17 @@ def diagnose(
             steps.append(seen)
     ranked = _ranked(variants, scores)
     matched = next((s for s in ranked if s.matched), None)
-    pairs: list[VariantScore] = []
-    if matched is None and keep and as_specified > 1.0:
+    found = analyse(evidence, labels, _COMPUTE_NAMES.get(precision.compute_dtype, str(precision.compute_dtype)))
+    if skipped_step is not None:
+        found.insert(0, Pattern("nonfinite-step", skipped_step))
+    structural = any(not p.kind.startswith("values:") for p in found)
+    if matched is None and keep and as_specified > 1.0 and not structural:
+        # Two differences at once; not when the elements that differ already say what is wrong
+        # (a layout, SIMD blocks, an overflow), which no algebraic variant computes.
         pairs = _pair_scores(case, trajectory, variants, steps, precision.param_dtype, tol)
         if any(p.matched for p in pairs):
             matched = next(p for p in pairs if p.matched)
             ranked = sorted([*pairs[:3], *ranked], key=_rank_key)
-    found = analyse(evidence, labels, _COMPUTE_NAMES.get(precision.compute_dtype, str(precision.compute_dtype)))
-    if skipped_step is not None:
-        found.insert(0, Pattern("nonfinite-step", skipped_step))
     localized = "; ".join(p.text for p in found) or None
     return Diagnosis(
         summary=_summary(spec, impl, precision, result, matched, ranked, localized, as_specified),
@@ -189,11 +186,20 @@ def _score(
     param_dtype: torch.dtype,
     tol: Tolerance,
 ) -> None:
+    """Each variant still in the running, compared tensor by tensor from the one the implementation
+    got most wrong: a variant that misses a tensor is out, and its score so far is a lower bound."""
+    order = seen.worst_first or list(range(len(seen.params)))
     for v in variants:
         if scores[v.name] > 1.0:
             continue  # no longer a match: its score so far is a lower bound, enough to rank it
-        outcomes = _variant_outcomes(trajectory, seen.record, v, seen.own)
-        worst = math.inf if outcomes is None else _worst(seen.params, outcomes, seen.states, param_dtype, tol)
+        memo: dict[tuple[int, int], dict[Expr, Bounded]] = {}
+        worst = 0.0
+        for i in order:
+            o = _variant_outcome(trajectory, seen, v, i, memo)
+            here = math.inf if o is None else _worst_tensor(seen.params[i], o, seen.states[i], param_dtype, tol)
+            worst = max(worst, here)
+            if worst > 1.0:
+                break
         scores[v.name] = max(scores[v.name], worst)
 
 
@@ -223,13 +229,15 @@ def _pair_scores(
     return _ranked(pairs, scores)
 
 
-def _variant_outcomes(
-    trajectory: Trajectory, record: StepRecord, v: Variant, own: list[dict[str, Tensor]]
-) -> list[Outcome] | None:
-    """The variant's step from the chain's inputs (``None`` when the reference cannot evaluate it)."""
+def _variant_outcome(
+    trajectory: Trajectory, seen: Observed, v: Variant, i: int, memo: dict[tuple[int, int], dict[Expr, Bounded]]
+) -> Outcome | None:
+    """The variant's step of tensor ``i`` from the chain's inputs (``None`` when the reference cannot
+    evaluate it)."""
+    record = seen.record
     try:
-        return trajectory.reference.advance(
-            record.before, record.grads, spec=v.spec, group_hypers=v.group_hypers, extra_states=own, track_drift=False
+        return trajectory.reference.advance_tensor(
+            record.before, record.grads, i, v.spec, v.group_hypers, seen.own, track_drift=False, scalars=memo
         )
     except (RuntimeError, ValueError, KeyError):
         return None
@@ -246,9 +254,10 @@ def _summary(
     as_specified: float,
 ) -> str:
     first = result.first_failure.describe() if result.first_failure else "no comparison failed"
-    if result.first_failure is not None and result.first_failure.message:  # a missing state, a wrong counter
+    structural = result.first_failure is not None and bool(result.first_failure.message)  # a missing state
+    if structural and matched is None:
         return f"{impl.name}: {first}"
-    pattern = f" Element pattern: {localized}." if localized else ""
+    pattern = f" Element pattern: {localized}." if localized and not structural else ""
     contract = _contract(precision)
     if matched is not None and len(matched.name.split(" + ")) > 1:
         first_part, second_part = matched.description.split("; and ", 1)
@@ -263,8 +272,8 @@ def _summary(
         )
     if localized:
         return (
-            f"{impl.name}: {localized}. No known variant of {spec.title} (single, or two at once) computes this."
-            f"{contract} First divergence: {first}"
+            f"{impl.name}: {localized}. No known variant of {spec.title} computes this.{contract} "
+            f"First divergence: {first}"
         )
     if as_specified <= 1.0 and result.first_failure is not None and result.first_failure.mode != LOCKSTEP:
         return (

@@ -152,7 +152,7 @@ def analyse(ev: Evidence, labels: Sequence[str], compute: str = "float32") -> li
         return []
     out: list[Pattern] = []
     huge = [i for i in failing if ev.specs[i].regime is Regime.HUGE]
-    overflow = _overflow(ev, huge, labels, compute)
+    overflow = _overflow(ev, huge, len(huge) == len(failing), labels, compute)
     if overflow is not None:
         out.append(overflow)
         failing = [i for i in failing if i not in huge]
@@ -170,12 +170,15 @@ def _names(labels: Sequence[str], indices: Sequence[int]) -> str:
     return ", ".join(labels[i] for i in indices)
 
 
-def _overflow(ev: Evidence, huge: Sequence[int], labels: Sequence[str], compute: str) -> Pattern | None:
-    """inf/NaN or a vanished update where the gradients are huge and the reference is finite."""
+def _overflow(
+    ev: Evidence, huge: Sequence[int], only_huge: bool, labels: Sequence[str], compute: str
+) -> Pattern | None:
+    """inf/NaN where the gradients are huge and the reference is finite; or, when nothing but the
+    huge-gradient tensors differs, an update that vanished there (``x/inf = 0``)."""
     if not huge:
         return None
     nonfinite = [i for i in huge if bool(ev.tensors[i].nonfinite.any())]
-    vanished = [i for i in huge if _kept_share(ev.tensors[i]) >= MAJORITY]
+    vanished = [i for i in huge if _kept_share(ev.tensors[i]) >= MAJORITY] if only_huge else []
     if not nonfinite and not vanished:
         return None
     scale = max(ev.tensors[i].grad_max for i in huge)
@@ -243,12 +246,14 @@ def _properties(specs: Sequence[TensorSpec]) -> list[tuple[str, str, set[int]]]:
 
 
 def _tensor_property(ev: Evidence, failing: Sequence[int], labels: Sequence[str]) -> Pattern | None:
-    """The smallest property that every failing tensor has and most tensors with it fail."""
+    """The smallest property that every failing tensor has and that every tensor with it, which the
+    reference moved by more than the tolerance, fails."""
     fail = set(failing)
+    everything = {i for i, t in enumerate(ev.specs) if t.numel > 0}
     fitting = [
         (len(m), kind, text)
         for kind, text, m in _properties(ev.specs)
-        if m and fail <= m and len(fail) >= MAJORITY * len(m) and len(m) < sum(t.numel > 0 for t in ev.specs)
+        if m and fail <= m and m != everything and all(i in fail for i in m if bool(ev.tensors[i].moved.any()))
     ]
     if not fitting:
         return None
@@ -305,7 +310,7 @@ def _simd_pattern(
     kept = all(bool(ev.tensors[i].kept[ev.tensors[i].over].all()) for i in over)
     how = "kept their previous value" if kept else "differ from the spec"
     examples = ", ".join(
-        f"{labels[i]} elements {ev.tensors[i].numel // b * b}-{ev.tensors[i].numel - 1}"
+        f"{labels[i]} {_span(ev.tensors[i].numel // b * b, ev.tensors[i].numel - 1)}"
         for i in dense
         if ev.tensors[i].numel % b and ev.tensors[i].numel > b
     )
@@ -327,6 +332,10 @@ def _simd_pattern(
     if others:
         text += f"; the non-dense tensors {_names(labels, others)} differ as well"
     return Pattern(kind, text)
+
+
+def _span(first: int, last: int) -> str:
+    return f"element {first}" if first == last else f"elements {first}-{last}"
 
 
 def _value_regime(ev: Evidence, failing: Sequence[int], labels: Sequence[str]) -> Pattern | None:

@@ -19,6 +19,14 @@ What the problems cover, and why:
   (so ε matters for some elements and not for others), ``tiny`` (around ε), ``huge``
   (large for the format but with squares and norms representable in float32), exactly
   ``zero`` steps, and inf/NaN for the non-finite and skip tests.
+
+**Regimes are kept apart.** Each cause a diagnosis can name (a layout, a gradient regime, a
+zero-gradient step, missing gradients, a param group) has tensors of its own: no tensor is
+both strided and huge, or transposed and zero at a step, so "only the strided tensors
+differ" and "a float32 overflow in the huge-gradient regime" cannot be mistaken for each
+other (:mod:`portopt.conformance.patterns`). The dense tensors' sizes tell SIMD widths
+apart: 7, 11, 15, 120, 481 and 1031 elements leave different tails for blocks of 4, 8, 16,
+32 and 64.
 """
 
 from __future__ import annotations
@@ -204,10 +212,12 @@ def _quick_tensors() -> tuple[TensorSpec, ...]:
         TensorSpec((), group=0, regime=Regime.NORMAL),
         TensorSpec((7,), group=0, regime=Regime.TINY),
         TensorSpec((1031,), group=1, regime=Regime.MIXED, param_scale=4.0),
-        TensorSpec((13, 37), group=1, layout=Layout.TRANSPOSED, regime=Regime.MIXED, zero_at=(3,)),
-        TensorSpec((6, 11), group=1, layout=Layout.STRIDED, regime=Regime.HUGE),
+        TensorSpec((13, 37), group=1, layout=Layout.TRANSPOSED, regime=Regime.MIXED),
+        TensorSpec((6, 11), group=1, layout=Layout.STRIDED, regime=Regime.NORMAL),
         TensorSpec((5,), group=0, grads=GRAD_NEVER),
         TensorSpec((3, 5), group=1, grads=GRAD_ODD_STEPS, regime=Regime.NORMAL),
+        TensorSpec((11,), group=0, regime=Regime.HUGE),
+        TensorSpec((120,), group=1, regime=Regime.NORMAL, zero_at=(3,)),
     )
 
 
@@ -215,7 +225,8 @@ QUICK = Problem(
     "quick",
     _quick_tensors(),
     seed=20240601,
-    description="sizes 0, 1, 0-d, 7, 1031; transposed and strided views; two groups; no-grad and odd-step params",
+    description="sizes 0, 1, 0-d, 7, 11, 120, 1031; transposed and strided views; huge and tiny gradients; "
+    "a zero-gradient step; two groups; no-grad and odd-step params",
 )
 FULL = Problem(
     "full",

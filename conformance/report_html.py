@@ -198,7 +198,7 @@ def _failure(r: RunResult, anchor: str, plot_html: str) -> str:
 def _variant_text(d: Any) -> str:
     if d.matched is not None:
         return f"{d.matched.description} [{d.matched.name}]"
-    return "none of the known variants (single, or two at once) matches"
+    return "none of the known variants matches"
 
 
 def explanation(precisions: Sequence[str]) -> str:

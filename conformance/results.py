@@ -120,9 +120,17 @@ class RunResult:
     def test_id(self) -> str:
         return f"{self.case}|{self.implementation}|{self.precision}|{self.device}"
 
+    @property
+    def ran(self) -> bool:
+        """Whether it was compared at all (a skipped or crashed run has no score)."""
+        return self.status in (PASS, FAIL)
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; a run that did not run has ``null`` scores, never a perfect 0."""
         data = asdict(self)
         data["borderline"] = self.borderline
+        if not self.ran:
+            data["worst_lockstep"] = data["worst_drift"] = None
         out: dict[str, Any] = _jsonable(data)
         return out
 
@@ -138,7 +146,7 @@ class RunResult:
             d["scores"] = [_score(s) for s in d.get("scores", [])]
             data["diagnosis"] = Diagnosis(**d)
         for key in ("worst_lockstep", "worst_drift"):
-            data[key] = float(data[key])
+            data[key] = 0.0 if data.get(key) is None else float(data[key])
         for key in ("lockstep_curves", "drift_curves"):
             data[key] = {q: [float(x) for x in v] for q, v in data.get(key, {}).items()}
         return RunResult(**data)

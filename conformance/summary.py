@@ -95,6 +95,7 @@ class Matrix:
 
 
 def build_matrix(results: Iterable[RunResult]) -> Matrix:
+    """Columns grouped by implementation (in the order they first appear), then precision, then device."""
     rows: dict[str, None] = {}
     columns: dict[Column, None] = {}
     cells: dict[tuple[str, Column], Cell] = {}
@@ -103,7 +104,19 @@ def build_matrix(results: Iterable[RunResult]) -> Matrix:
         rows.setdefault(r.algorithm)
         columns.setdefault(column)
         cells.setdefault((r.algorithm, column), Cell()).results.append(r)
-    return Matrix(sorted(rows), list(columns), cells)
+    first = {
+        key: {v: i for i, v in enumerate(dict.fromkeys(getattr(c, key) for c in columns))}
+        for key in ("implementation", "precision", "device")
+    }
+    ordered = sorted(
+        columns,
+        key=lambda c: (
+            first["implementation"][c.implementation],
+            first["precision"][c.precision],
+            first["device"][c.device],
+        ),
+    )
+    return Matrix(sorted(rows), ordered, cells)
 
 
 def format_score(x: float | None) -> str:
