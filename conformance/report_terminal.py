@@ -1,8 +1,8 @@
 """The terminal report: totals per column, the summary matrix, failures, grouped skip reasons.
 
 Tables never cut a name with an ellipsis: long cells wrap (``overflow="fold"``), and
-:func:`console` gives logs (stdout not a terminal) a wide page, ``COLUMNS`` or
-:data:`LOG_WIDTH` characters, instead of rich's 80.
+:func:`console` gives logs (stdout not a terminal) a wide page, at least :data:`LOG_WIDTH`
+characters, instead of rich's 80.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def console(file: Any | None = None) -> Any:
     stream = file or sys.stdout
     if hasattr(stream, "isatty") and stream.isatty():
         return Console(file=file)
-    width = int(os.environ.get("COLUMNS", "0") or 0) or LOG_WIDTH
+    # COLUMNS in a log is the width of a terminal that launched the job, not of the log's reader.
+    width = max(int(os.environ.get("COLUMNS", "0") or 0), LOG_WIDTH)
     return Console(file=file, width=width, soft_wrap=False)
 
 

@@ -36,8 +36,11 @@ if TYPE_CHECKING:
 Job = tuple["Case", "Implementation", "Precision", str]
 
 
-class InterruptedRunError(Exception):
-    """The run was stopped before its end (a signal, or the time limit); ``reason`` says how."""
+class InterruptedRunError(BaseException):
+    """The run was stopped before its end (a signal, or the time limit); ``reason`` says how.
+
+    A ``BaseException``, as ``KeyboardInterrupt``: the ``except Exception`` that turns a crashing
+    implementation into an error result must not swallow it."""
 
     def __init__(self, reason: str, exit_code: int) -> None:
         super().__init__(reason)
