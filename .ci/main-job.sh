@@ -16,13 +16,29 @@ print(f"portopt main job: python {platform.python_version()}, torch {torch.__ver
 PY
 portopt show adamw
 
+# Compiled kernels are cached with the checkout: a second run loads them instead of compiling.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torchinductor}"
+
 # The parity run: every algorithm on every backend usable on this machine's devices, in every
-# precision, against the float64 reference (JSON, JUnit XML and HTML report in $report_dir).
-# Extra arguments are passed on (e.g. --quick, --algorithm adamw, --device cuda).
+# precision, against the float64 reference, in one worker process per core. Progress goes to the
+# log; the reports in $report_dir (JSON, JUnit XML, HTML, Markdown) are kept up to date as it runs
+# and say "partial" until it ends, so a run cut short (SIGTERM, a CI time limit) leaves a report.
+# Extra arguments are passed on (e.g. --quick, --algorithm adamw, --device cuda, --workers 1).
 devices=(--device cpu)
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     devices+=(--device cuda)
 fi
-portopt conformance "${devices[@]}" --report-dir "$report_dir" "$@"
+# In the background so that a SIGTERM or SIGINT sent to this script alone (not to its process
+# group, as `timeout` and CI runners do) still reaches the run, which then writes its partial report.
+portopt conformance "${devices[@]}" --report-dir "$report_dir" "$@" &
+run=$!
+trap 'kill -TERM "$run" 2>/dev/null || true' TERM INT HUP
+status=0
+while :; do
+    wait "$run" && status=0 || status=$?
+    kill -0 "$run" 2>/dev/null || break # still running: the wait was cut short by a signal
+done
+trap - TERM INT HUP
 
-echo "main job: report in $report_dir/"
+echo "main job: report in $report_dir/ (conformance.html; conformance.md for a pull request)"
+exit "$status"

@@ -286,6 +286,8 @@ class StepFunctionImplementation:
     build: Callable[[Spec], StepFunction]
     algorithm: str | None = None
     requires_step_counter: bool = True
+    note: str = ""
+    """What the name does not say, printed with it in every report ("a CPU emulation of ...")."""
 
     def unavailable_reason(self, case: Case, spec: Spec, precision: Precision, device: str) -> str | None:
         if self.algorithm is not None and case.algorithm != self.algorithm:
@@ -385,6 +387,8 @@ class OptimizerAdapter:
     label: str = ""
     state_names: Mapping[str, str] = field(default_factory=dict)
     requires_step_counter: bool = False
+    note: str = ""
+    """What the name does not say, printed with it in every report."""
 
     @property
     def name(self) -> str:

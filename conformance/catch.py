@@ -37,12 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from portopt.backends import named_backend
 from portopt.conformance.candidates import STEP, Instance, Setup, StepFunctionInstance, device_unavailable_reason
 from portopt.conformance.cases import FOUND_INF, Case, build_cases
 from portopt.conformance.precision import PRECISIONS, Precision
 from portopt.conformance.results import ERROR, FAIL, LOCKSTEP, RunResult
 from portopt.lowering.backend import Hypers, ParamState, StepFunction
-from portopt.lowering.registry import lookup_backend
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, sqrt, square
 from portopt.spec.ops import Op
@@ -75,7 +75,7 @@ class Mutant:
 
 
 def _torch_step(spec: Spec) -> StepFunction:
-    return lookup_backend("torch").build(spec)
+    return named_backend("torch").build(spec)
 
 
 def _plain(setup: Setup, step: StepFunction, group_hypers: Sequence[Mapping[str, float]] | None = None) -> Instance:

@@ -70,7 +70,7 @@ def _add_selection(parser: argparse.ArgumentParser, suppress: bool = False) -> N
         action="append",
         default=default,
         metavar="P",
-        help="fp32, bf16, fp16+master, bf16+master, fp64 (repeatable; default: fp32, bf16, fp16+master)",
+        help="fp32, bf16, bf16-native, fp16+master, bf16+master, fp64 (repeatable; default: fp32, bf16, fp16+master)",
     )
     parser.add_argument(
         "--case",

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from portopt.algorithms.radam import PAPER_THRESHOLD, radam
+from portopt.backends import named_backend
 from portopt.conformance.problems import memory_order
 from portopt.lowering.backend import Hypers, ParamState, StepFunction
-from portopt.lowering.registry import lookup_backend
 from portopt.spec.definition import Spec
 
 BUGS = (
@@ -96,7 +96,7 @@ def skip_one_element(backend: str = "torch") -> Callable[[Spec], StepFunction]:
     """``backend``'s step, except that element 17 of each 1-d tensor of more than 100 elements keeps its value."""
 
     def build(spec: Spec) -> StepFunction:
-        inner = lookup_backend(backend).build(spec)
+        inner = named_backend(backend).build(spec)
 
         def step(
             params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
@@ -125,7 +125,7 @@ def simd_body_only(backend: str = "torch", block: int = 16) -> Callable[[Spec], 
 
 def _masked(backend: str, block: int, keep_body: bool) -> Callable[[Spec], StepFunction]:
     def build(spec: Spec) -> StepFunction:
-        inner = lookup_backend(backend).build(spec)
+        inner = named_backend(backend).build(spec)
 
         def step(
             params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
@@ -190,7 +190,7 @@ def radam_tutorial(spec: Spec) -> StepFunction:
 
 def radam_paper_threshold(spec: Spec) -> StepFunction:
     """RAdam rectifying when ρ_t > 4 (the paper) whatever the spec asks, on the reference backend."""
-    return lookup_backend("reference").build(radam(threshold=PAPER_THRESHOLD))
+    return named_backend("reference").build(radam(threshold=PAPER_THRESHOLD))
 
 
 adam_correct = hand_written_adam(None)

@@ -33,7 +33,9 @@ FUSED = (
 LONG_IMPL = "portopt.conformance.mutants.adam_eps_inside_sqrt"
 
 
-def _result(case: str, impl: str, status: str, precision: str = "fp32", worst: float = 0.2, reason: str = "") -> RunResult:
+def _result(
+    case: str, impl: str, status: str, precision: str = "fp32", worst: float = 0.2, reason: str = ""
+) -> RunResult:
     algorithm = case.split("[")[0].split("/")[0]
     r = RunResult(case, algorithm, impl, precision, "cpu", status, reason=reason, steps=3)
     if status in ("pass", "fail"):
@@ -162,7 +164,9 @@ def test_junit_skips_carry_their_reason_and_no_score(tmp_path: Path) -> None:
     skipped = [c for c in root.iter("testcase") if c.find("skipped") is not None]
     assert len(skipped) == 3
     assert all(c.find("system-out") is None for c in skipped)
-    assert {c.find("skipped").get("message") for c in skipped} == {FUSED.format(alg=a) for a in ("lion", "rmsprop", "radam")}  # type: ignore[union-attr]
+    assert {c.find("skipped").get("message") for c in skipped} == {
+        FUSED.format(alg=a) for a in ("lion", "rmsprop", "radam")
+    }  # type: ignore[union-attr]
 
 
 def test_json_has_null_scores_for_skips_and_round_trips(tmp_path: Path) -> None:
@@ -216,3 +220,21 @@ def test_terminal_tables_on_a_narrow_page_wrap_instead_of_truncating() -> None:
     assert "torch_…" not in text
     assert "compil…" not in text
     assert "torch_fu" in text
+
+
+def test_an_implementation_labelled_as_an_emulation_says_so_in_every_report(tmp_path: Path) -> None:
+    """An op-contract emulation must never read as the vendor's kernel itself: its note goes from the
+    implementation into each result and is printed next to its name."""
+    from portopt.backends import named_backend
+    from portopt.conformance.candidates import StepFunctionImplementation
+    from portopt.conformance.cases import build_cases
+    from portopt.conformance.precision import PRECISIONS
+    from portopt.conformance.runner import run_matrix
+
+    note = "CPU emulation of a vendor op's documented semantics, not the vendor kernel"
+    impl = StepFunctionImplementation("npu-contract", named_backend("torch").build, "sgd", note=note)
+    results = run_matrix(build_cases(["sgd"])[:1], [impl], [PRECISIONS["fp32"]])
+    assert [r.implementation_note for r in results] == [note]
+    write_reports(results, tmp_path, {})
+    assert note.replace("'", "&#x27;") in (tmp_path / "conformance.html").read_text()
+    assert json.loads((tmp_path / "conformance.json").read_text())["results"][0]["implementation_note"] == note

@@ -21,7 +21,9 @@ SMALL = ["--quick", "--algorithm", "sgd", "--backend", "reference", "--precision
 
 
 def test_an_implementation_of_one_algorithm_runs_only_that_algorithm(tmp_path: Path) -> None:
-    assert main(["--quick", "--impl", MUTANT, "--precision", "fp32", "--no-diagnose", "--report-dir", str(tmp_path)]) == 1
+    assert (
+        main(["--quick", "--impl", MUTANT, "--precision", "fp32", "--no-diagnose", "--report-dir", str(tmp_path)]) == 1
+    )
     results = read_json(tmp_path / "conformance.json")
     assert results
     assert {r.algorithm for r in results} == {"adam"}
