@@ -24,8 +24,10 @@ reductions            ``Σ ea + γ_n·Σ|a|`` with ``γ_n = u·(⌈log2 n⌉ + 1
 ====================  =========================================================
 
 Leaves: the parameter, the gradient, the states and the step counter are exact (they are
-the inputs, already in the storage format); hyperparameters and constants carry
-``u·|h|``, since a device may hold them as float32 scalars. So a step-only scalar such as
+the inputs, already in the storage format); hyperparameters and constants carry their
+rounding to the scalar format, ``|fl(h) − h| <= u·|h|``, since a device may hold them as
+float32 scalars (a value the format holds exactly, such as the ``1`` of ``t == 1``, carries
+none: SGD's first-step branch is decided, not uncertain). So a step-only scalar such as
 ``1 − β2^t`` gets the error of a float32 computation of it (relative ``~u/(1 − β2)``), which
 is what a capturable or fused kernel that computes it on the device in float32 actually
 incurs; host float64 scalars do better. The bound of the parameter update is therefore
@@ -152,7 +154,7 @@ class BoundEvaluator:
         zero = _ZERO if self.track_drift else None
         if op is Op.CONST or op is Op.HYPER:
             v = host_scalar(float(node.value or 0.0)) if op is Op.CONST else host_scalar(self.hypers[str(node.value)])
-            return Bounded(v, self.scalar_u * v.abs(), zero)
+            return Bounded(v, _scalar_rounding(v, self.scalar_u), zero)
         if op is Op.STEP:
             return Bounded.exact(host_scalar(self.step), zero)
         if op is Op.PARAM:
@@ -190,6 +192,18 @@ class BoundEvaluator:
         error = _select_bound(cond.value, cond.error, x, y, drift=False)
         drift = _select_bound(cond.value, cond.drift, x, y, drift=True) if cond.drift is not None else None
         return Bounded(value, error, drift)
+
+
+_ROUNDOFF_DTYPES = {2.0**-53: torch.float64, 2.0**-24: torch.float32, 2.0**-11: torch.float16, 2.0**-8: torch.bfloat16}
+
+
+def _scalar_rounding(v: Tensor, u: float) -> Tensor:
+    """How far ``v`` moves when held in the format of unit roundoff ``u``: ``|fl(v) − v|`` (at most
+    ``u·|v|``, and 0 for a value the format holds exactly: 1, 0.5, an integer step count)."""
+    dtype = _ROUNDOFF_DTYPES.get(u)
+    if dtype is None:
+        return u * v.abs()
+    return (v.to(dtype).to(F64) - v).abs()
 
 
 def _select_bound(cond: Tensor, uncertain: Tensor, x: Bounded, y: Bounded, drift: bool) -> Tensor:

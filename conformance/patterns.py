@@ -64,6 +64,8 @@ class TensorEvidence:
     large_only: bool = True
     small_edge: float = 0.0
     large_edge: float = math.inf
+    compared: int = 0
+    """Failing steps with both failing and passing elements of non-zero gradient (the evidence of the above)."""
     grad_max: float = 0.0
 
 
@@ -124,6 +126,7 @@ class Evidence:
             passing = g[~over & torch.isfinite(g) & (g > 0)]
             failing = g[over & torch.isfinite(g)]
             if passing.numel() and failing.numel():
+                e.compared += 1
                 if float(failing.max()) < float(passing.min()):
                     e.small_edge = max(e.small_edge, float(failing.max()))
                 else:
@@ -340,7 +343,7 @@ def _span(first: int, last: int) -> str:
 
 def _value_regime(ev: Evidence, failing: Sequence[int], labels: Sequence[str]) -> Pattern | None:
     """Only the elements with the smallest, or the largest, gradients of their tensors."""
-    mixed = [i for i in failing if not bool(ev.tensors[i].over.all())]
+    mixed = [i for i in failing if not bool(ev.tensors[i].over.all()) and ev.tensors[i].compared]
     if not mixed:
         return None
     if all(ev.tensors[i].small_only for i in mixed):

@@ -161,12 +161,10 @@ def test_markdown_summary_for_a_pull_request() -> None:
 def test_junit_skips_carry_their_reason_and_no_score(tmp_path: Path) -> None:
     write_reports(_results(), tmp_path, {"command": "x"})
     root = ET.parse(tmp_path / "conformance.xml").getroot()
-    skipped = [c for c in root.iter("testcase") if c.find("skipped") is not None]
+    skipped = [(c, s) for c in root.iter("testcase") if (s := c.find("skipped")) is not None]
     assert len(skipped) == 3
-    assert all(c.find("system-out") is None for c in skipped)
-    assert {c.find("skipped").get("message") for c in skipped} == {
-        FUSED.format(alg=a) for a in ("lion", "rmsprop", "radam")
-    }  # type: ignore[union-attr]
+    assert all(c.find("system-out") is None for c, _ in skipped)
+    assert {s.get("message") for _, s in skipped} == {FUSED.format(alg=a) for a in ("lion", "rmsprop", "radam")}
 
 
 def test_json_has_null_scores_for_skips_and_round_trips(tmp_path: Path) -> None:
