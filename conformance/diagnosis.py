@@ -45,7 +45,7 @@ from portopt.conformance.results import LOCKSTEP, Diagnosis, RunResult, VariantS
 from portopt.conformance.runner import new_trajectory
 from portopt.conformance.session import device_grads, new_instance, sync
 from portopt.conformance.tolerance import Tolerance, allowed_error, compare, error_ratio
-from portopt.conformance.variants import Variant, known_variants, variant_pairs
+from portopt.conformance.variants import PAIR_AND, PAIR_SEPARATOR, Variant, known_variants, variant_pairs
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr
 
@@ -106,6 +106,58 @@ def _observe(evidence: Evidence, seen: Observed, param_dtype: torch.dtype, tol: 
     return max(per_tensor, default=0.0)
 
 
+class _Rerun:
+    """The lock-step re-run of one implementation: element evidence, variant scores, kept steps."""
+
+    def __init__(
+        self, case: Case, spec: Spec, impl: Implementation, precision: Precision, device: str, trajectory: Trajectory
+    ) -> None:
+        self.case, self.precision, self.device, self.trajectory = case, precision, device, trajectory
+        reference = trajectory.reference
+        self.source = reference.source
+        self.n = len(self.source.tensors)
+        self.variants = known_variants(case, spec, reference.group_hypers)
+        self.instance = new_instance(case, spec, impl, self.source, reference.group_hypers, precision, device)
+        self.evidence = Evidence(self.source.tensors, [memory_order(p) for p in self.instance.params])
+        self.keep = sum(t.numel for t in self.source.tensors) <= PAIR_SEARCH_ELEMENTS
+        self.steps: list[Observed] = []
+        self.scores = {v.name: 0.0 for v in self.variants}
+        self.as_specified = 0.0
+        self.skipped_step: str | None = None
+
+    def step(self, t: int, tol: Tolerance) -> None:
+        record = self.trajectory.step(t)
+        instance, n = self.instance, self.n
+        if t > 1:
+            sync(instance, record.before)
+        own = [{k: v.detach().clone() for k, v in instance.read_state(i).items()} for i in range(n)]
+        with torch.no_grad():
+            instance.step(device_grads(record.grads, self.source, self.precision.param_dtype, self.device))
+        seen = Observed(
+            record,
+            own,
+            [p.detach().to(device="cpu").clone() for p in instance.params],
+            [{k: v.detach().to(device="cpu").clone() for k, v in instance.read_state(i).items()} for i in range(n)],
+        )
+        worst = _observe(self.evidence, seen, self.precision.param_dtype, tol)
+        self.as_specified = max(self.as_specified, worst)
+        nonfinite = any(g is not None and not bool(torch.isfinite(g).all()) for g in record.grads)
+        if worst > 1.0 and self.skipped_step is None and nonfinite and self.trajectory.reference.skip_nonfinite:
+            self.skipped_step = (
+                f"the step with inf/NaN gradients (step {t}) was not skipped: it changed parameters or states"
+            )
+        _score(self.trajectory, seen, self.variants, self.scores, self.precision.param_dtype, tol)
+        if self.keep:
+            self.steps.append(seen)
+
+    def patterns(self) -> list[Pattern]:
+        compute = _COMPUTE_NAMES.get(self.precision.compute_dtype, str(self.precision.compute_dtype))
+        found = analyse(self.evidence, [self.source.label(i) for i in range(self.n)], compute)
+        if self.skipped_step is not None:
+            found.insert(0, Pattern("nonfinite-step", self.skipped_step))
+        return found
+
+
 def diagnose(
     case: Case,
     spec: Spec,
@@ -119,57 +171,23 @@ def diagnose(
     """Re-run ``impl`` in lock-step against the spec and every known variant, and explain the failure."""
     if not trajectory.keep_history:
         trajectory = new_trajectory(case, spec, precision, trajectory.reference.source)
-    reference = trajectory.reference
-    source = reference.source
-    n = len(source.tensors)
-    labels = [source.label(i) for i in range(n)]
-    variants = known_variants(case, spec, reference.group_hypers)
-    instance = new_instance(case, spec, impl, source, reference.group_hypers, precision, device)
-    evidence = Evidence(source.tensors, [memory_order(p) for p in instance.params])
-    keep = sum(t.numel for t in source.tensors) <= PAIR_SEARCH_ELEMENTS
-    steps: list[Observed] = []
-    scores = {v.name: 0.0 for v in variants}
-    as_specified = 0.0
-    skipped_step: str | None = None
+    rerun = _Rerun(case, spec, impl, precision, device, trajectory)
     for t in range(1, case.steps + 1):
-        record = trajectory.step(t)
-        if t > 1:
-            sync(instance, record.before)
-        own = [{k: v.detach().clone() for k, v in instance.read_state(i).items()} for i in range(n)]
-        with torch.no_grad():
-            instance.step(device_grads(record.grads, source, precision.param_dtype, device))
-        seen = Observed(
-            record,
-            own,
-            [p.detach().to(device="cpu").clone() for p in instance.params],
-            [{k: v.detach().to(device="cpu").clone() for k, v in instance.read_state(i).items()} for i in range(n)],
-        )
-        worst_here = _observe(evidence, seen, precision.param_dtype, tol)
-        as_specified = max(as_specified, worst_here)
-        nonfinite = any(g is not None and not bool(torch.isfinite(g).all()) for g in record.grads)
-        if worst_here > 1.0 and skipped_step is None and nonfinite and reference.skip_nonfinite:
-            skipped_step = (
-                f"the step with inf/NaN gradients (step {t}) was not skipped: it changed parameters or states"
-            )
-        _score(trajectory, seen, variants, scores, precision.param_dtype, tol)
-        if keep:
-            steps.append(seen)
-    ranked = _ranked(variants, scores)
+        rerun.step(t, tol)
+    ranked = _ranked(rerun.variants, rerun.scores)
     matched = next((s for s in ranked if s.matched), None)
-    found = analyse(evidence, labels, _COMPUTE_NAMES.get(precision.compute_dtype, str(precision.compute_dtype)))
-    if skipped_step is not None:
-        found.insert(0, Pattern("nonfinite-step", skipped_step))
+    found = rerun.patterns()
     structural = any(not p.kind.startswith("values:") for p in found)
-    if matched is None and keep and as_specified > 1.0 and not structural:
+    if matched is None and rerun.keep and rerun.as_specified > 1.0 and not structural:
         # Two differences at once; not when the elements that differ already say what is wrong
         # (a layout, SIMD blocks, an overflow), which no algebraic variant computes.
-        pairs = _pair_scores(case, trajectory, variants, steps, precision.param_dtype, tol)
+        pairs = _pair_scores(case, trajectory, rerun.variants, rerun.steps, precision.param_dtype, tol)
         if any(p.matched for p in pairs):
             matched = next(p for p in pairs if p.matched)
             ranked = sorted([*pairs[:3], *ranked], key=_rank_key)
     localized = "; ".join(p.text for p in found) or None
     return Diagnosis(
-        summary=_summary(spec, impl, precision, result, matched, ranked, localized, as_specified),
+        summary=_summary(spec, impl, precision, result, matched, ranked, localized, rerun.as_specified),
         first_divergence=result.first_failure,
         localized=localized,
         matched=matched,
@@ -259,11 +277,14 @@ def _summary(
         return f"{impl.name}: {first}"
     pattern = f" Element pattern: {localized}." if localized and not structural else ""
     contract = _contract(precision)
-    if matched is not None and len(matched.name.split(" + ")) > 1:
-        first_part, second_part = matched.description.split("; and ", 1)
+    names, texts = (
+        matched.name.split(PAIR_SEPARATOR) if matched else [],
+        matched.description.split(PAIR_AND) if matched else [],
+    )
+    if matched is not None and len(names) == len(texts) == 2:
         return (
-            f"{impl.name} computes {spec.title} with two differences: {first_part} [{matched.name.split(' + ')[0]}], "
-            f"and {second_part} [{matched.name.split(' + ')[1]}].{pattern} First divergence: {first}"
+            f"{impl.name} computes {spec.title} with two differences: {texts[0]} [{names[0]}], "
+            f"and {texts[1]} [{names[1]}].{pattern} First divergence: {first}"
         )
     if matched is not None:
         return (

@@ -59,6 +59,9 @@ class Palette:
 
     def __init__(self) -> None:
         self.colours: dict[str, str] = {}
+        """Quantities (``param``, ``exp_avg``, ...): the colours of :func:`run_plot`."""
+        self.implementations: dict[str, str] = {}
+        """Implementations: the colours of :func:`envelope_plot` (a mapping of its own)."""
         self.styles: dict[str, str] = {}
 
     @staticmethod
@@ -71,21 +74,25 @@ class Palette:
         """Give every new quantity, implementation and precision of ``results`` its colour or style."""
         quantities = {q for r in results for q in (*r.lockstep_curves, *r.drift_curves)}
         for name in sorted(quantities, key=_quantity_order):
-            self._colour(name)
+            _assign(self.colours, name)
         for r in results:
-            self._colour(r.implementation)
+            _assign(self.implementations, r.implementation)
             if r.precision not in self.styles:
                 self.styles[r.precision] = _LINE_STYLES[len(self.styles) % len(_LINE_STYLES)]
 
-    def _colour(self, name: str) -> None:
-        if name not in self.colours:
-            self.colours[name] = _BASE_COLOURS[len(self.colours) % len(_BASE_COLOURS)]
+    def colour(self, quantity: str) -> str:
+        return self.colours.get(quantity, "#444444")
 
-    def colour(self, name: str) -> str:
-        return self.colours.get(name, "#444444")
+    def implementation(self, name: str) -> str:
+        return self.implementations.get(name, "#444444")
 
     def style(self, precision: str) -> str:
         return self.styles.get(precision, "-")
+
+
+def _assign(table: dict[str, str], name: str) -> None:
+    if name not in table:
+        table[name] = _BASE_COLOURS[len(table) % len(_BASE_COLOURS)]
 
 
 def _quantity_order(name: str) -> tuple[int, str]:
@@ -210,7 +217,7 @@ def envelope_plot(algorithm: str, results: Sequence[RunResult], palette: Palette
                 continue
             label = f"{impl} · {precision}" + (f" · {device}" if device != "cpu" else "")
             ax.plot(
-                range(1, len(values) + 1), _clip(values), color=palette.colour(impl),
+                range(1, len(values) + 1), _clip(values), color=palette.implementation(impl),
                 linestyle=palette.style(precision), linewidth=1.2, label=label,
             )  # fmt: skip
     _legend(fig, axes, per_row)

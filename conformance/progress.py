@@ -1,8 +1,8 @@
 """Progress of a conformance run: a bar on a terminal, a line every few runs in a log.
 
-Both estimate the time left from the work done (problem elements x steps x runs, see
+Both estimate the time left from the work done (steps x tensors and elements x runs, see
 :func:`portopt.conformance.suite.unit_cost`), not from the number of runs, since a run on
-the million-element problem takes a hundred times one on the quick problem.
+the million-element problem takes many times one on the quick problem.
 :func:`make_progress` picks the bar when stdout is a terminal, else :class:`LogProgress`,
 which prints a line every :attr:`~LogProgress.every` runs (about every 5 %) and at least
 every :data:`LOG_INTERVAL` seconds while runs finish, flushed so CI logs show it at once.

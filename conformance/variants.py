@@ -70,13 +70,11 @@ class Variant:
     options: tuple[tuple[str, OptionValue], ...] | None = None
     maximize: bool | None = None
 
-    @property
-    def parts(self) -> tuple[str, ...]:
-        """The single variants this one combines (``("threshold=4.0", "no-second-moment-correction")``)."""
-        return tuple(self.name.split(PAIR_SEPARATOR))
-
 
 PAIR_SEPARATOR = " + "
+"""Between the names of the two variants of a pair: ``threshold=4.0 + no-second-moment-correction``."""
+PAIR_AND = "; and "
+"""Between their descriptions."""
 
 
 def strip(e: Expr) -> Expr:
@@ -384,7 +382,7 @@ def variant_pairs(case: Case, singles: Sequence[Variant]) -> list[Variant]:
             out.append(
                 Variant(
                     f"{first.name}{PAIR_SEPARATOR}{second.name}",
-                    f"{first.description}; and {by_name[second.name].description}",
+                    f"{first.description}{PAIR_AND}{by_name[second.name].description}",
                     second.spec,
                     second.group_hypers,
                     second.options,

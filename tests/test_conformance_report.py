@@ -130,11 +130,14 @@ def test_html_has_envelopes_for_passes_and_a_plot_per_failure_with_fixed_colours
     assert failures.count("data:image/png;base64,") == 1
     palette = plots.Palette.of(_results())
     assert palette.colour("param") == plots.Palette.of(list(reversed(_results()))).colour("param")
-    colours = [palette.colour(n) for n in ("param", "exp_avg", "torch", "torch_fused", LONG_IMPL)]
-    assert len(set(colours)) == len(colours)
-    before = dict(palette.colours)
+    quantities = [palette.colour(n) for n in ("param", "exp_avg")]
+    implementations = [palette.implementation(n) for n in ("torch", "torch_fused", LONG_IMPL)]
+    assert len(set(quantities)) == len(quantities)
+    assert len(set(implementations)) == len(implementations)
+    before = (dict(palette.colours), dict(palette.implementations))
     palette.add([_result("sgd/quick", "compiled", "pass")])
-    assert {k: palette.colours[k] for k in before} == before  # new names never recolour old ones
+    assert {k: palette.colours[k] for k in before[0]} == before[0]  # new names never recolour old ones
+    assert {k: palette.implementations[k] for k in before[1]} == before[1]
 
 
 def test_without_matplotlib_the_report_says_why_there_are_no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
