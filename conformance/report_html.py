@@ -48,7 +48,7 @@ pre { white-space: pre-wrap; font-size: 12px; background: #f8f8f8; padding: 0.5e
 details > summary { cursor: pointer; } .muted { color: #777; }
 .failure { border-left: 4px solid #d62728; padding-left: 1em; margin: 1.2em 0; }
 .failure.error { border-left-color: #e6550d; } .failure.borderline { border-left-color: #d9b600; }
-img { max-width: 100%; }
+img { max-width: 100%; } .wide { overflow-x: auto; } .matrix th { max-width: 16em; }
 """
 
 
@@ -114,7 +114,7 @@ def _matrix(m: Matrix, notes: dict[str, str], failure_ids: dict[str, str]) -> st
     head1 = "<tr><th rowspan='3'>algorithm</th>"
     for impl, idx in impls.items():
         note = f"<br><span class='note'>{esc(notes[impl])}</span>" if impl in notes else ""
-        head1 += f"<th colspan='{len(idx)}'>{esc(impl)}{note}</th>"
+        head1 += f"<th colspan='{len(idx)}'>{_breakable(impl)}{note}</th>"
     head2 = "<tr>" + "".join(f"<th>{esc(c.precision)}</th>" for c in m.columns) + "</tr>"
     head3 = "<tr>" + "".join(f"<th class='muted'>{esc(c.device)}</th>" for c in m.columns) + "</tr>"
     rows = [head1 + "</tr>", head2, head3]
@@ -142,7 +142,12 @@ def _matrix(m: Matrix, notes: dict[str, str], failure_ids: dict[str, str]) -> st
         f"free-running; 1 is the limit, above {BORDERLINE} is borderline). A skipped cell has no score. Hover a cell "
         "for its cases; click a failing one for its diagnosis.</p>"
     )
-    return "<table class='matrix'>" + "\n".join(rows) + "</table>" + legend
+    return "<div class='wide'><table class='matrix'>" + "\n".join(rows) + "</table></div>" + legend
+
+
+def _breakable(name: str) -> str:
+    """``name`` escaped, with line-break opportunities after its dots and underscores (module paths)."""
+    return esc(name).replace(".", ".<wbr>").replace("_", "_<wbr>")
 
 
 def _failure(r: RunResult, anchor: str, plot_html: str) -> str:
