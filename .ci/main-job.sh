@@ -24,9 +24,14 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torchindu
 # log; the reports in $report_dir (JSON, JUnit XML, HTML, Markdown) are kept up to date as it runs
 # and say "partial" until it ends, so a run cut short (SIGTERM, a CI time limit) leaves a report.
 # Extra arguments are passed on (e.g. --quick, --algorithm adamw, --device cuda, --workers 1).
+# npu-contract runs the NPU backend's rule on CPU through the emulated Ascend ops (labelled so in the report).
 devices=(--device cpu)
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     devices+=(--device cuda)
+fi
+# An Ascend NPU (torch_npu and CANN installed: `pip install 'portopt[npu]'`), looked for without breaking the job.
+if python -c "import sys; from portopt.backends import device_unavailable_reason as r; sys.exit(r('npu') is not None)" 2>/dev/null; then
+    devices+=(--device npu)
 fi
 # In the background so that a SIGTERM or SIGINT sent to this script alone (not to its process
 # group, as `timeout` and CI runners do) still reaches the run, which then writes its partial report.

@@ -1,7 +1,7 @@
 """Backends, imported as ``portopt.backends.<name>``; each registers itself on import.
 
 Importing this package registers the built-in backends ``reference`` and ``torch``;
-``torch_fused`` and ``compiled`` register on first use.
+``torch_fused``, ``compiled``, ``onnx``, ``npu`` and ``npu-contract`` register on first use.
 Third-party backends register through the entry point group ``portopt.backends``: the
 entry point names a module (importing it registers), a
 :class:`~portopt.lowering.backend.Backend`, or a callable returning one. Entry points are
@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -35,11 +36,19 @@ __all__ = [
     "device_unavailable_reason",
     "load_entry_points",
     "named_backend",
+    "package_reason",
     "select_backend",
+    "usable_backends",
 ]
 
 BUILTIN = (reference.REFERENCE.name, torch_generic.TORCH_GENERIC.name)
-OPTIONAL_BUILTIN = {"compiled": "portopt.backends.compiled", "torch_fused": "portopt.backends.torch_fused"}
+OPTIONAL_BUILTIN = {
+    "compiled": "portopt.backends.compiled",
+    "onnx": "portopt.backends.onnx",
+    "torch_fused": "portopt.backends.torch_fused",
+    "npu": "portopt.backends.npu",
+    "npu-contract": "portopt.backends.npu",
+}
 """Built-in backends imported on first use: by name, or when ``"auto"`` first chooses."""
 ENTRY_POINT_GROUP = "portopt.backends"
 
@@ -85,12 +94,9 @@ def device_unavailable_reason(device_type: str) -> str | None:
         return None
     package = _DEVICE_PACKAGES.get(device_type)
     if package is not None:
-        if importlib.util.find_spec(package) is None:
-            return f"package {package} is not installed"
-        try:
-            importlib.import_module(package)
-        except Exception as exc:  # a broken vendor install is a reason, not a crash
-            return f"package {package} failed to import: {type(exc).__name__}: {exc}"
+        reason = package_reason(package)
+        if reason is not None:
+            return reason
     if device_type == "mps":
         present = torch.backends.mps.is_available()
     else:
@@ -100,6 +106,26 @@ def device_unavailable_reason(device_type: str) -> str | None:
             return f"this torch build has no {device_type} support (no torch.{device_type}.is_available)"
         present = bool(is_available())
     return None if present else f"no {device_type} device (torch.{device_type}.is_available() is False)"
+
+
+_import_failures: dict[str, str] = {}
+
+
+def package_reason(package: str) -> str | None:
+    """``None`` if the vendor package ``package`` imports, else why not (not installed, or the import's error).
+
+    A failed import is remembered and not tried again: re-importing a package whose first import
+    failed half-way (its C extension loaded) is not safe."""
+    if package in _import_failures:
+        return _import_failures[package]
+    if importlib.util.find_spec(package) is None:
+        return f"package {package} is not installed"
+    try:
+        importlib.import_module(package)
+    except Exception as exc:  # a broken vendor install is a reason, not a crash
+        _import_failures[package] = f"package {package} failed to import: {type(exc).__name__}: {exc}"
+        return _import_failures[package]
+    return None
 
 
 def _backend_reason(backend: Backend) -> str | None:
@@ -136,6 +162,8 @@ def available() -> list[BackendStatus]:
             how = f"priority {backend.priority}" if backend.auto_select else "by name only"
             if backend.auto_select and backend.min_auto_numel() > 0:
                 how += f"; auto for groups of >= {backend.min_auto_numel():,} elements"
+            if backend.label:
+                how += f"; {backend.label}"
             rows.append(BackendStatus(name, True, f"usable on {', '.join(here)} ({how})"))
         else:
             rows.append(BackendStatus(name, False, reason))
@@ -144,15 +172,22 @@ def available() -> list[BackendStatus]:
 
 
 def select_backend(
-    device: torch.device | str, name: str = "auto", spec: Spec | None = None, numel: int | None = None
+    device: torch.device | str,
+    name: str = "auto",
+    spec: Spec | None = None,
+    numel: int | None = None,
+    *,
+    accept: Callable[[Backend], bool] | None = None,
 ) -> Backend:
     """The backend to step ``spec`` on ``device``: ``name``, or the best usable one for ``"auto"``.
 
     ``"auto"`` takes the usable backend of highest priority (``auto_select``) that runs on the
     device, lowers ``spec`` (when given) and whose ``min_auto_numel`` the group's ``numel``
     reaches (when given): a torch fused kernel where one is proven equivalent, the compiled
-    kernel for groups large enough to repay compiling, else the generic torch backend. A named
-    backend that cannot run here or does not lower ``spec`` raises ``ValueError`` saying why.
+    kernel for groups large enough to repay compiling, else the generic torch backend. With
+    ``accept``, only backends it accepts are considered (the implementation a torch flag asks
+    for: ``fused=True``, ``foreach=False``, ...). A named backend that cannot run here or does
+    not lower ``spec`` raises ``ValueError`` saying why.
     """
     device_type = torch.device(device).type
     if name != "auto":
@@ -168,13 +203,19 @@ def select_backend(
             raise ValueError(f"backend {name!r} is not usable here: {reason}")
         return backend
     _load_all()
-    chosen = auto_choice(device_type, spec, numel)
+    chosen = auto_choice(device_type, spec, numel, accept=accept)
     if chosen is None:
+        what = "no usable backend" if accept is None else "no usable backend of the kind asked for"
         raise ValueError(
-            f"no usable backend runs on {device_type} tensors; "
-            + "; ".join(f"{r.name}: {r.reason}" for r in available())
+            f"{what} runs on {device_type} tensors; " + "; ".join(f"{r.name}: {r.reason}" for r in available())
         )
     return chosen
+
+
+def usable_backends() -> list[Backend]:
+    """Every registered backend that can run here (its package and a device of its types present)."""
+    _load_all()
+    return [b for b in registered_backends().values() if _backend_reason(b) is None]
 
 
 def named_backend(name: str) -> Backend:
@@ -196,15 +237,25 @@ def auto_thresholds() -> set[int]:
 
 
 def auto_choice(
-    device_type: str, spec: Spec | None = None, numel: int | None = None, below_priority: int | None = None
+    device_type: str,
+    spec: Spec | None = None,
+    numel: int | None = None,
+    below_priority: int | None = None,
+    *,
+    accept: Callable[[Backend], bool] | None = None,
 ) -> Backend | None:
     """The backend ``"auto"`` chooses for ``spec`` on ``device_type``, or ``None``.
 
     ``below_priority`` considers only backends of lower priority (a backend handing on a call
-    it cannot take). Backends are tried best first and the costlier checks (a compiler's
-    import, a kernel's equivalence proof) run only for those that get that far."""
+    it cannot take); ``accept`` only backends it accepts. Backends are tried best first and the
+    costlier checks (a compiler's import, a kernel's equivalence proof) run only for those that
+    get that far."""
     ranked = sorted(
-        (b for b in registered_backends().values() if b.auto_select and device_type in b.device_types),
+        (
+            b
+            for b in registered_backends().values()
+            if b.auto_select and device_type in b.device_types and (accept is None or accept(b))
+        ),
         key=lambda b: (b.priority, b.name),
         reverse=True,
     )

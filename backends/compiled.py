@@ -35,6 +35,17 @@ this cuts the per-tensor overhead from about 40 us to about 10 us on a small CPU
 param group of at least :func:`auto_min_numel` elements on one device (compiling must pay
 for itself); ``PORTOPT_NO_COMPILE=1`` takes it out of ``"auto"`` (``unavailable_reason``).
 
+Size: Inductor's compile time grows with the kernel, and faster than linearly with a value
+that one op uses twice (it inlines ``x`` into ``x + x`` twice, so ``x + x`` nested 16 deep,
+a 2 KB spec, took 200 s). A spec whose kernel has more than :data:`MAX_KERNEL_NODES`
+computed nodes, or would unfold to more than :data:`MAX_INLINED` (see
+:func:`~portopt.lowering.codegen.kernel_size`), is not served (``unsupported_reason``):
+``"auto"`` takes the generic backend, and naming ``"compiled"`` raises with the reason. The
+library's largest spec has 34 nodes and unfolds to 54.
+
+A spec that reads the tensor's shape or dtype (``numel``, ``finfo``, a state layout chosen per rank:
+Adafactor, CAME) is not served yet (``unsupported_reason``): ``"auto"`` takes the generic backend.
+
 Tensors the compiled graph does not take (fewer than 2 elements, non-contiguous, a
 factored dimension of 1, a device without a compiler) run the same generated function
 uncompiled: same arithmetic, same rounding, more memory traffic.
@@ -56,18 +67,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from portopt.backends.torch_generic import TorchStep
-from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
+from portopt.backends.torch_generic import TorchStep, build_graph_step
+from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction, with_inputs
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.codegen import (
     KernelFunction,
     KernelPlan,
     host_scalar_values,
+    kernel_size,
     opmath_dtype,
     plan_kernel,
     scalar_tensor,
 )
 from portopt.lowering.registry import register_backend
+from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
 from portopt.spec.symbols import Layout
 
@@ -76,6 +89,10 @@ DISABLE_VARIABLE = "PORTOPT_NO_COMPILE"
 """Set to 1 to take the compiled backend out of ``backend="auto"`` (e.g. on CI without a cache)."""
 MIN_NUMEL_VARIABLE = "PORTOPT_COMPILE_MIN_NUMEL"
 DEFAULT_MIN_NUMEL = 1 << 20
+MAX_KERNEL_NODES = 512
+"""Most computed nodes in a kernel this backend compiles (module doc: size)."""
+MAX_INLINED = 2048
+"""Most nodes a kernel may unfold to when every value is inlined into each of its uses."""
 # Scratch shapes for compiling a graph, then for checking it. Sizes are >= 2 (0 and 1
 # specialise) and distinct per axis (a recorded size maps to one axis); the compile shapes
 # are large because Inductor decides from the traced size whether a loop is worth
@@ -308,11 +325,9 @@ class CompiledStep:
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
     ) -> None:
         check_step_inputs(self.spec, params, grads, states, hypers)
+        hypers = with_inputs(self.spec, hypers)
         with torch.no_grad():
-            # Inside an outer torch.compile (a compiled training step), run the generated code
-            # as plain torch ops and let the outer compiler fuse it.
-            eager = torch.compiler.is_compiling()
-            items = [self._prepare(p, g, s, hypers, eager) for p, g, s in zip(params, grads, states, strict=True)]
+            items = [self._prepare(p, g, s, hypers) for p, g, s in zip(params, grads, states, strict=True)]
             scalars: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}
             host: dict[float, list[float]] = {}
             for item in items:
@@ -333,12 +348,12 @@ class CompiledStep:
                     item.state.update(item.new_state)
             torch._foreach_add_([item.state["step"] for item in items], 1.0)
 
-    def _prepare(self, param: Tensor, grad: Tensor, state: ParamState, hypers: Hypers, eager: bool) -> _Item:
+    def _prepare(self, param: Tensor, grad: Tensor, state: ParamState, hypers: Hypers) -> _Item:
         p, g = param.detach(), grad.detach()
         new_state = None if state else self._initial.initial_state(p, g, hypers)
         current = new_state if new_state is not None else state
         tensors = [current[n] for n in self.spec.state_names]
-        graph, args = (None, []) if eager else self._graph_for(p, g, tensors)
+        graph, args = self._graph_for(p, g, tensors)
         return _Item(p, g, state, new_state, tensors, float(current["step"]) + 1.0, graph, args)
 
     def _graph_for(self, p: Tensor, g: Tensor, states: list[Tensor]) -> tuple[CompiledGraph | None, list[Tensor]]:
@@ -377,8 +392,36 @@ def compiled_graph(spec: Spec, sig: _Signature) -> CompiledGraph:
     return CompiledGraph(plan_kernel(spec), sig)
 
 
+def unsupported_reason(spec: Spec) -> str | None:
+    """``None`` if this backend compiles ``spec``'s kernel, else why not (too large, or it reads the tensor's
+    shape: module doc)."""
+    if spec.shape_dependent or any(spec.kind(n) is Kind.SHAPE for n in spec.node_kinds):
+        return (
+            f"{spec.name}: it reads the tensor's shape or dtype (numel, ndim, size, finfo or a layout chosen per "
+            "rank), which the compiled kernel does not take yet; use backend='torch'"
+        )
+    lines, inlined = kernel_size(spec)
+    if lines > MAX_KERNEL_NODES:
+        return (
+            f"{spec.name}: its kernel has {lines} computed nodes; the compiled backend compiles at most "
+            f"{MAX_KERNEL_NODES} (compile time grows with the kernel); use backend='torch'"
+        )
+    if inlined > MAX_INLINED:
+        return (
+            f"{spec.name}: its kernel would unfold to {inlined} nodes when values are inlined into each use "
+            f"(shared subexpressions used twice by one op); the compiled backend compiles at most "
+            f"{MAX_INLINED}; use backend='torch'"
+        )
+    return None
+
+
 def build_compiled_step(spec: Spec) -> StepFunction:
-    """A step function running ``spec``'s generated kernel compiled by torch.compile."""
+    """A step function running ``spec``'s generated kernel compiled by torch.compile.
+
+    Raises ``ValueError`` for a spec too large to compile (:func:`unsupported_reason`)."""
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(reason)
     return CompiledStep(spec)
 
 
@@ -391,5 +434,8 @@ COMPILED = register_backend(
         unavailable_reason=_unavailable_reason,
         priority=20,
         min_auto_numel=auto_min_numel,
+        unsupported_reason=unsupported_reason,
+        build_graph=build_graph_step,
+        torch_flag="fused",
     )
 )

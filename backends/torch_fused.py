@@ -40,7 +40,8 @@ else, or fail):
   vectorized loop (only the tail elements move) — capabilities come from a check, not a
   list, and come back by themselves when torch fixes it.
 
-A spec that matches no kernel is not served (``unsupported_reason``; ``backend="auto"``
+A spec of more than :data:`MAX_MATCH_NODES` nodes is not tested (the test's time grows with
+the spec; a 100,000-node chain equivalent to SGD took minutes). A spec that matches no kernel is not served (``unsupported_reason``; ``backend="auto"``
 passes over it, naming the backend raises). A call the matched kernel cannot take (mixed
 dtypes, strided tensors, a dtype its probe failed, ``momentum=0``) runs on the backend
 ``"auto"`` would choose below this one (``compiled`` for a large group, else ``torch``),
@@ -58,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from portopt.backends.torch_generic import TorchStep
+from portopt.backends.torch_generic import TorchStep, build_graph_step
 from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.equivalence import Binding, find_binding, sample_hyperparameters
@@ -307,9 +308,16 @@ class Match:
     binding: Binding
 
 
+MAX_MATCH_NODES = 512
+"""Largest spec (distinct nodes) tested for equivalence with a kernel: the identity test costs time in
+proportion to the spec, and every kernel's spec is under 40 nodes (a spec from a file can hold 10,000)."""
+
+
 @functools.lru_cache(maxsize=128)
 def match_fused_kernel(spec: Spec) -> Match | None:
     """The fused kernel equivalent to ``spec``, or ``None`` (see :func:`no_match_reason`)."""
+    if len(spec.node_kinds) > MAX_MATCH_NODES:
+        return None
     for kernel in KERNELS:
         binding, _ = find_binding(spec, kernel.spec, NEUTRAL)
         if binding is not None:
@@ -321,6 +329,11 @@ def no_match_reason(spec: Spec) -> str | None:
     """``None`` if a fused kernel computes ``spec``, else why none does (closest attempts)."""
     if match_fused_kernel(spec) is not None:
         return None
+    if len(spec.node_kinds) > MAX_MATCH_NODES:
+        return (
+            f"no fused kernel is matched to {spec.name}: it has {len(spec.node_kinds)} nodes, more than the "
+            f"{MAX_MATCH_NODES} (MAX_MATCH_NODES) that the equivalence test takes"
+        )
     reasons = [(k.name, find_binding(spec, k.spec, NEUTRAL)[1]) for k in KERNELS]
     # Closest first: kernels that could be bound but compute something else.
     reasons.sort(key=lambda r: "differs" not in r[1])
@@ -374,6 +387,16 @@ def probe(kernel: FusedKernel, device_type: str, dtype: torch.dtype) -> str | No
                     f"up to {float(gap.max()):.3g}"
                 )
     return None
+
+
+def dtype_reason(kernel: FusedKernel, device_type: str, dtype: torch.dtype) -> str | None:
+    """``None`` if the rule hands ``dtype`` tensors on ``device_type`` to ``kernel``, else why not."""
+    if device_type not in FUSED_DEVICE_TYPES:
+        return f"no torch fused kernel for device type {device_type!r}"
+    if dtype in (torch.bfloat16, torch.float16) and not kernel.hypers_in_opmath:
+        # Seen by the conformance suite on torch 2.13's CPU _fused_adagrad_ (bf16): 3x over tolerance.
+        return f"{kernel.name} rounds lr, eps and weight decay to {dtype}, not computed in float32"
+    return probe(kernel, device_type, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -443,16 +466,11 @@ class FusedStep:
         names = [user for _, user in self.match.binding.states]
         for param, grad, param_state in zip(params, grads, states, strict=True):
             tensors = [param, grad, *(param_state[n] for n in names if param_state)]
-            if param.device.type not in FUSED_DEVICE_TYPES:
-                return f"no torch fused kernel for device type {param.device.type!r}"
             if any(t.dtype != param.dtype for t in tensors):
                 return "the fused kernels need the gradient and states in the parameter's dtype"
             if not all(t.is_contiguous() for t in tensors):
                 return "the fused kernels need contiguous parameters, gradients and states"
-            if param.dtype in (torch.bfloat16, torch.float16) and not kernel.hypers_in_opmath:
-                # Seen by the conformance suite on torch 2.13's CPU _fused_adagrad_ (bf16): 3x over tolerance.
-                return f"{kernel.name} rounds lr, eps and weight decay to {param.dtype}, not computed in float32"
-            failed = probe(kernel, param.device.type, param.dtype)
+            failed = dtype_reason(kernel, param.device.type, param.dtype)
             if failed is not None:
                 return failed
         return None
@@ -491,5 +509,7 @@ TORCH_FUSED = register_backend(
         build=build_fused_step,
         priority=PRIORITY,
         unsupported_reason=no_match_reason,
+        build_graph=build_graph_step,
+        torch_flag="fused",
     )
 )

@@ -24,6 +24,12 @@ npu, mps, ... with nothing device-specific. A step over one param group:
 On the CPU this issues torch.optim's own calls for SGD, Adam, AdamW, Adagrad, RMSprop and
 Adamax, and the results are bit-identical to torch.optim's default implementation.
 
+``foreach=False`` (:func:`build_per_tensor_step`): every parameter is its own bucket and every
+instruction a single-tensor call (``lerp_``, ``addcdiv_``, ``torch.mul(..., out=)``), so a step
+holds the temporaries of one tensor at a time, in torch.optim's single-tensor op order.
+Under ``torch.compile``, ``capturable=True`` and ``differentiable=True`` the front end runs the
+spec's :class:`~portopt.lowering.graph_step.GraphStep` instead (:func:`build_graph_step`).
+
 Precision: arithmetic runs in the bucket's "opmath" dtype, float32 unless a float64
 tensor is involved; float16/bfloat16 parameters and states are read into float32
 temporaries and rounded once when stored. New states are kept like torch.optim's:
@@ -43,10 +49,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype
+from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype, with_inputs
 from portopt.lowering.checks import check_step_inputs
+from portopt.lowering.graph_step import GraphStep
 from portopt.lowering.host import HostValue, evaluate_host
-from portopt.lowering.interpreter import initial_state_values, state_shape
+from portopt.lowering.interpreter import initial_state_values, state_shape, tensor_facts
 from portopt.lowering.program import Instr, Program, SpecPlan
 from portopt.lowering.registry import register_backend
 from portopt.lowering.torch_ops import TORCH_RULES
@@ -108,6 +115,9 @@ class _Bucket:
     t: float
     dtype: torch.dtype
     device: torch.device
+    spec: Spec | None = None
+    """The plain spec these tensors run (their shape class's, for a shape-dependent spec)."""
+    hypers: Mapping[str, float] = field(default_factory=dict)
     params: TensorList = field(default_factory=list)
     grads: TensorList = field(default_factory=list)
     states: list[ParamState] = field(default_factory=list)
@@ -132,9 +142,26 @@ class _Runner:
         dtype = self.bucket.dtype
         return tensors if all(x.dtype == dtype for x in tensors) else [x.to(dtype) for x in tensors]
 
+    def per_tensor(self, program: Program) -> dict[Expr, TensorList]:
+        """Each per-tensor host value of ``program`` for every tensor of the bucket, as 0-d values."""
+        b = self.bucket
+        wanted = [leaf for leaf in program.leaves if leaf in program.shape_nodes]
+        if not wanted:
+            return {}
+        rows: list[list[float]] = []
+        for param in b.params:
+            values: dict[Expr, HostValue] = dict(self.host)
+            evaluate_host(program.shape_nodes, b.t, b.hypers, values, tensor_facts(param))
+            rows.append([float(values[leaf]) for leaf in wanted])
+        table = torch.tensor(rows, dtype=b.dtype).to(b.device)  # one transfer per bucket
+        return {leaf: list(table[:, j].unbind()) for j, leaf in enumerate(wanted)}
+
     def run(self, program: Program, storage: Mapping[str | None, TensorList]) -> None:
         b = self.bucket
+        self.values.update(self.per_tensor(program))
         for leaf in program.leaves:
+            if leaf in self.values:
+                continue
             if leaf.op is Op.PARAM:
                 self.values[leaf] = self.load(storage[None])
             elif leaf.op is Op.GRAD:
@@ -281,6 +308,43 @@ class _Runner:
         _store(dst, value)
 
 
+class _LoopRunner(_Runner):
+    """The executor of a one-parameter bucket: single-tensor calls instead of ``torch._foreach_*``."""
+
+    def execute(self, instr: Instr) -> TensorList:
+        if instr.form == "op":
+            return super().execute(instr)
+        args = [_as_list(self.arg(o, h)) for o, h in zip(instr.operands, instr.host, strict=True)]
+        scale = 1.0 if instr.scale is None else float(self.host[instr.scale])
+        if instr.negate:
+            scale = -scale
+        a, rest = args[0][0], [x[0] for x in args[1:]]
+        inplace = instr.inplace == 0
+        if instr.form == "lerp":
+            result = a.lerp_(rest[0], scale) if inplace else torch.lerp(a, rest[0], scale)
+        elif instr.form == "axpy":
+            result = a.add_(rest[0], alpha=scale) if inplace else torch.add(a, rest[0], alpha=scale)
+        elif instr.form == "addcmul":
+            result = a.addcmul_(*rest, value=scale) if inplace else torch.addcmul(a, *rest, value=scale)
+        else:
+            result = a.addcdiv_(*rest, value=scale) if inplace else torch.addcdiv(a, *rest, value=scale)
+        return [result]
+
+    def foreach(self, op: Op, args: list[Value], inplace: int | None) -> TensorList | None:
+        return None  # every op runs as its single-tensor rule (:meth:`loop`)
+
+    def apply(self, instr: Instr, args: list[Value]) -> TensorList:
+        if instr.node.op is Op.NORM:
+            return [torch.linalg.vector_norm(_as_list(args[0])[0])]
+        return super().apply(instr, args)
+
+    def store(self, name: str | None, dst: TensorList, value: Value) -> None:
+        if isinstance(value, list):
+            dst[0].copy_(value[0])
+        else:
+            dst[0].fill_(value)
+
+
 def _store(dst: TensorList, value: Value) -> None:
     if not isinstance(value, list):
         for x in dst:
@@ -320,10 +384,23 @@ class TorchStep:
     keeps torch.optim's choice (:func:`torch_state_dtype`).
     """
 
-    def __init__(self, spec: Spec, state_dtype: StateDtype = torch_state_dtype) -> None:
+    def __init__(self, spec: Spec, state_dtype: StateDtype = torch_state_dtype, *, per_tensor: bool = False) -> None:
         self.spec = spec
         self.plan = SpecPlan.of(spec)
+        self.plans: dict[Spec, SpecPlan] = {spec: self.plan}
         self.state_dtype = state_dtype
+        self.per_tensor = per_tensor
+        """One parameter per bucket and single-tensor calls (``foreach=False``)."""
+
+    def variant(self, param: Tensor) -> Spec:
+        """The plain spec ``param`` runs (its shape class's, for a shape-dependent spec)."""
+        return self.spec.specialize(tensor_facts(param)) if self.spec.shape_dependent else self.spec
+
+    def plan_for(self, spec: Spec) -> SpecPlan:
+        plan = self.plans.get(spec)
+        if plan is None:
+            plan = self.plans[spec] = SpecPlan.of(spec)
+        return plan
 
     def __call__(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
@@ -336,6 +413,7 @@ class TorchStep:
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
     ) -> None:
         """The step without :func:`~portopt.lowering.checks.check_step_inputs` (run it first)."""
+        hypers = with_inputs(self.spec, hypers)
         host_hypers = {name: float(value) for name, value in hypers.items()}
         for param, grad, state in zip(params, grads, states, strict=True):
             if not state:
@@ -345,15 +423,17 @@ class TorchStep:
 
     def initial_state(self, param: Tensor, grad: Tensor, hypers: Hypers) -> dict[str, Tensor]:
         """The states of a parameter before its first step, and ``step`` = 0."""
-        return self.new_state(param, grad, hypers, {d.name: self.state_dtype(d, param) for d in self.spec.states})
+        decls = self.variant(param).states
+        return self.new_state(param, grad, hypers, {d.name: self.state_dtype(d, param) for d in decls})
 
     def new_state(
         self, param: Tensor, grad: Tensor, hypers: Hypers, dtypes: Mapping[str, torch.dtype]
     ) -> dict[str, Tensor]:
-        """Every state at its initial value in ``dtypes[name]``, and ``step`` = 0."""
+        """Every state ``param`` has at its initial value in ``dtypes[name]``, and ``step`` = 0."""
         state: dict[str, Tensor] = {}
         general: list[StateDecl] = []
-        for decl in self.spec.states:
+        spec = self.variant(param)
+        for decl in spec.states:
             dtype = dtypes[decl.name]
             init = decl.init
             if init.op in (Op.CONST, Op.HYPER):
@@ -367,7 +447,8 @@ class TorchStep:
                 general.append(decl)
         if general:
             opmath = compute_dtype([param.dtype, grad.dtype])
-            values = initial_state_values(self.spec, TORCH_RULES, param.to(opmath), grad.to(opmath), hypers)
+            facts = tensor_facts(param)
+            values = initial_state_values(spec, TORCH_RULES, param.to(opmath), grad.to(opmath), hypers, facts)
             for decl in general:
                 dtype = dtypes[decl.name]
                 if decl.layout is Layout.ELEMENTWISE:
@@ -379,17 +460,17 @@ class TorchStep:
         return state
 
     def buckets(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState]) -> list[_Bucket]:
-        """Group the parameters by device, dtypes and next step value."""
-        names = self.spec.state_names
+        """Group the parameters by device, dtypes, shape class and next step value."""
         buckets: dict[tuple[object, ...], _Bucket] = {}
         for param, grad, state in zip(params, grads, states, strict=True):
             t = float(state["step"]) + 1.0
-            state_dtypes = tuple(state[n].dtype for n in names)
-            key = (param.device, param.dtype, grad.dtype, state_dtypes, t)
+            spec = self.variant(param)
+            state_dtypes = tuple(state[n].dtype for n in spec.state_names)
+            key = (param.device, param.dtype, grad.dtype, state_dtypes, t, spec, len(buckets) if self.per_tensor else 0)
             bucket = buckets.get(key)
             if bucket is None:
                 dtype = compute_dtype([param.dtype, grad.dtype, *state_dtypes])
-                bucket = buckets[key] = _Bucket(t, dtype, param.device)
+                bucket = buckets[key] = _Bucket(t, dtype, param.device, spec)
             bucket.params.append(param)
             bucket.grads.append(grad)
             bucket.states.append(state)
@@ -397,24 +478,40 @@ class TorchStep:
 
     def runner(self, bucket: _Bucket, host: Mapping[Expr, HostValue]) -> _Runner:
         """The executor of this step's program over ``bucket``."""
-        return _Runner(bucket, host)
+        return _LoopRunner(bucket, host) if self.per_tensor else _Runner(bucket, host)
 
     def step_bucket(self, bucket: _Bucket, hypers: Mapping[str, float]) -> None:
+        spec = bucket.spec or self.spec
+        plan = self.plan_for(spec)
+        bucket.hypers = hypers
         host: dict[Expr, HostValue] = {}
-        evaluate_host(self.plan.host_nodes, bucket.t, hypers, host)
+        evaluate_host(plan.host_nodes, bucket.t, hypers, host)
         grad_writable = bucket.grads[0].dtype != bucket.dtype
-        program = self.plan.program(host, grad_writable)
+        program = plan.program(host, grad_writable)
         evaluate_host(program.host_nodes, bucket.t, hypers, host)
         storage: dict[str | None, TensorList] = {None: bucket.params}
-        for name in self.spec.state_names:
+        for name in spec.state_names:
             storage[name] = [s[name] for s in bucket.states]
         self.runner(bucket, host).run(program, storage)
-        torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
+        if self.per_tensor:
+            bucket.states[0]["step"].add_(1.0)
+        else:
+            torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
 
 
 def build_torch_step(spec: Spec) -> TorchStep:
     """The generic torch step function of ``spec``."""
     return TorchStep(spec)
+
+
+def build_per_tensor_step(spec: Spec) -> TorchStep:
+    """The generic torch step of ``spec``, one tensor at a time with single-tensor calls (``foreach=False``)."""
+    return TorchStep(spec, per_tensor=True)
+
+
+def build_graph_step(spec: Spec) -> GraphStep:
+    """The step of ``spec`` as torch ops over step tensors (torch.compile, capturable, differentiable)."""
+    return GraphStep(spec, TorchStep(spec).initial_state)
 
 
 def build_policy_step(spec: Spec, policy: PrecisionPolicy) -> PolicyStepFunction:
@@ -432,5 +529,8 @@ TORCH_GENERIC = register_backend(
         build=build_torch_step,
         priority=0,
         build_with_policy=build_policy_step,
+        build_per_tensor=build_per_tensor_step,
+        build_graph=build_graph_step,
+        torch_flag="foreach",
     )
 )

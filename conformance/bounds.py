@@ -24,10 +24,11 @@ reductions            ``Σ ea + γ_n·Σ|a|`` with ``γ_n = u·(⌈log2 n⌉ + 1
 ====================  =========================================================
 
 Leaves: the parameter, the gradient, the states and the step counter are exact (they are
-the inputs, already in the storage format); hyperparameters and constants carry their
-rounding to the scalar format, ``|fl(h) − h| <= u·|h|``, since a device may hold them as
-float32 scalars (a value the format holds exactly, such as the ``1`` of ``t == 1``, carries
-none: SGD's first-step branch is decided, not uncertain). So a step-only scalar such as
+the inputs, already in the storage format); hyperparameters, step inputs and constants carry
+their rounding to the scalar format, ``|fl(h) − h| <= u·|h|``, since a device may hold them
+as float32 scalars (a value the format holds exactly, such as the ``1`` of ``t == 1``, carries
+none: SGD's first-step branch is decided, not uncertain); shape leaves (numel, sizes, powers
+of two) are exact in every format. So a step-only scalar such as
 ``1 − β2^t`` gets the error of a float32 computation of it (relative ``~u/(1 − β2)``), which
 is what a capturable or fused kernel that computes it on the device in float32 actually
 incurs; host float64 scalars do better. The bound of the parameter update is therefore
@@ -46,12 +47,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from portopt.lowering.interpreter import host_scalar, state_shape
+from portopt.lowering.backend import with_inputs
+from portopt.lowering.host import shape_leaf_value
+from portopt.lowering.interpreter import host_scalar, state_shape, tensor_facts
 from portopt.lowering.torch_ops import TORCH_RULES
 from portopt.spec.analysis import classify
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, walk
-from portopt.spec.ops import OP_INFO, Family, Op
+from portopt.spec.ops import OP_INFO, SHAPE_LEAVES, Family, Op
+from portopt.spec.shapes import TensorFacts
 
 F64 = torch.float64
 INF = math.inf
@@ -124,8 +128,10 @@ class BoundEvaluator:
         scalar_memo: dict[Expr, Bounded] | None = None,
         param_drift: Tensor | None = None,
         scalar_u: float | None = None,
+        facts: TensorFacts | None = None,
     ) -> None:
         self.spec = spec
+        self.facts = facts if facts is not None else tensor_facts(param)
         self.u = u
         self.scalar_u = u if scalar_u is None else scalar_u
         self.param, self.grad, self.step = param, grad, step
@@ -152,9 +158,13 @@ class BoundEvaluator:
     def _leaf(self, node: Expr) -> Bounded:
         op = node.op
         zero = _ZERO if self.track_drift else None
-        if op is Op.CONST or op is Op.HYPER:
+        if op is Op.CONST or op is Op.HYPER or op is Op.INPUT:
             v = host_scalar(float(node.value or 0.0)) if op is Op.CONST else host_scalar(self.hypers[str(node.value)])
+            # A value the scalar format holds exactly (1, 2, 0.5, ...) is exact on every device: comparing the
+            # step counter with it (SGD's where(t == 1, ...)) is certain, not within rounding of either branch.
             return Bounded(v, _scalar_rounding(v, self.scalar_u), zero)
+        if op in SHAPE_LEAVES:  # integers and powers of two: exact in every format
+            return Bounded.exact(host_scalar(shape_leaf_value(node, self.facts)), zero)
         if op is Op.STEP:
             return Bounded.exact(host_scalar(self.step), zero)
         if op is Op.PARAM:
@@ -317,14 +327,33 @@ def _max_abs(v: Tensor, x: list[Bounded], u: float) -> Tensor:
     return worst
 
 
-def _axis_mean(dim: int) -> ErrorRule:
+def _axis(reduce: str, dim: int) -> ErrorRule:
     def rule(v: Tensor, x: list[Bounded], u: float) -> Tensor:
         a = x[0].value
         n = a.shape[dim]
-        total = _full(x[0]).sum(dim=dim, keepdim=True) + _gamma(n, u) * a.abs().sum(dim=dim, keepdim=True)
-        return total / max(n, 1)
+        e = _full(x[0])
+        if reduce == "max":
+            return e.amax(dim=dim, keepdim=True) if n else torch.zeros_like(v)
+        total = e.sum(dim=dim, keepdim=True) + _gamma(n, u) * a.abs().sum(dim=dim, keepdim=True)
+        return total / max(n, 1) if reduce == "mean" else total
 
     return rule
+
+
+def _mod(v: Tensor, x: list[Bounded], u: float) -> Tensor:
+    # a − floor(a/b)·b: continuous away from the jumps; a jump (the quotient within its error of an
+    # integer) may land anywhere in [0, |b|).
+    (a, ea), (b, eb) = ((t.value, t.error) for t in x)
+    q = a / b
+    near = ((q - torch.round(q)).abs() * b.abs() <= ea + q.abs() * eb) & ((ea + eb) > 0)
+    smooth = ea + torch.floor(q).abs() * eb + u * v.abs()
+    return torch.where(near, b.abs() + eb, smooth)
+
+
+def _floor(v: Tensor, x: list[Bounded], u: float) -> Tensor:
+    a, ea = x[0].value, x[0].error
+    jumps = (torch.floor(a - ea) != torch.floor(a + ea)) & (ea > 0)
+    return torch.where(jumps, torch.ones_like(v), torch.zeros_like(v))
 
 
 _ERROR_RULES: dict[Op, ErrorRule] = {
@@ -347,8 +376,14 @@ _ERROR_RULES: dict[Op, ErrorRule] = {
     Op.MEAN: _mean,
     Op.NORM: _norm,
     Op.MAX_ABS: _max_abs,
-    Op.ROW_MEAN: _axis_mean(-1),
-    Op.COL_MEAN: _axis_mean(-2),
+    Op.ROW_MEAN: _axis("mean", -1),
+    Op.COL_MEAN: _axis("mean", -2),
+    Op.ROW_SUM: _axis("sum", -1),
+    Op.COL_SUM: _axis("sum", -2),
+    Op.ROW_MAX: _axis("max", -1),
+    Op.COL_MAX: _axis("max", -2),
+    Op.MOD: _mod,
+    Op.FLOOR: _floor,
 }
 
 
@@ -358,10 +393,14 @@ def initial_states(
     param: Tensor,
     grad: Tensor,
     hypers: Mapping[str, float | Tensor],
+    facts: TensorFacts | None = None,
     scalar_u: float | None = None,
 ) -> dict[str, Bounded]:
-    """Each state's initial value and bound, broadcast to its storage shape."""
-    ev = BoundEvaluator(spec, u, param, grad, 0.0, hypers, {}, scalar_u=scalar_u)
+    """Each state's initial value and bound, broadcast to its storage shape (the states of the tensor's shape
+    class: ``facts``, default ``param``'s)."""
+    facts = facts if facts is not None else tensor_facts(param)
+    spec = spec.specialize(facts)
+    ev = BoundEvaluator(spec, u, param, grad, 0.0, with_inputs(spec, hypers), {}, scalar_u=scalar_u, facts=facts)
     return {decl.name: ev(decl.init).expanded(state_shape(decl, param.shape)) for decl in spec.states}
 
 
@@ -375,6 +414,7 @@ def bounded_step(
     states: Mapping[str, Bounded],
     scalar_memo: dict[Expr, Bounded] | None = None,
     param_drift: Tensor | None = None,
+    facts: TensorFacts | None = None,
     scalar_u: float | None = None,
 ) -> tuple[dict[str, Bounded], Bounded]:
     """New value and bounds of every state and of the parameter (float64, nothing written).
@@ -382,7 +422,10 @@ def bounded_step(
     ``scalar_memo`` may be shared by the tensors of one param group at one step; with
     ``param_drift`` (and the states' drifts) the free-running bound is propagated too.
     """
-    ev = BoundEvaluator(spec, u, param, grad, step, hypers, states, scalar_memo, param_drift, scalar_u)
+    facts = facts if facts is not None else tensor_facts(param)
+    spec = spec.specialize(facts)
+    hypers = with_inputs(spec, hypers)
+    ev = BoundEvaluator(spec, u, param, grad, step, hypers, states, scalar_memo, param_drift, scalar_u, facts)
     new_states = {name: ev(expr).expanded(tuple(states[name].value.shape)) for name, expr in spec.updates}
     return new_states, ev(spec.param_update).expanded(tuple(param.shape))
 

@@ -16,7 +16,8 @@ can compare it and re-sync it (lock-step).
   ``decoupled_weight_decay``, ``maximize``), and state names through ``state_names``
   (identity by default: the specs use torch.optim's names).
 * :class:`OptimizerFamily`: a module with one such class per algorithm (``torch.optim``,
-  ``portopt``), so ``--impl torch.optim`` covers every algorithm torch has.
+  ``portopt``, ``onnx.preview``: ONNX's preview-training ops), so ``--impl torch.optim`` covers
+  every algorithm torch has.
 * :class:`StepFunctionImplementation`: a callable ``build(spec) -> StepFunction`` (a fused
   kernel wrapped in the step-function contract).
 
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from portopt.algorithms import ALGORITHMS
+from portopt.algorithms import ALGORITHMS, REGISTRY
 from portopt.conformance.cases import FOUND_INF, Case
 from portopt.conformance.precision import Precision, frontend_accepts, policy_unavailable_reason
 from portopt.lowering.backend import Backend, ParamState, StepFunction
@@ -117,18 +118,6 @@ class Implementation(Protocol):
         """An instance holding ``setup.params``."""
 
 
-def implementation_note(impl: object) -> str:
-    """The implementation's ``note``, if it has one: what its name does not say, for the reports.
-
-    An implementation (or a backend) may carry ``note = "CPU emulation of torch_npu.npu_apply_adam_w's
-    documented semantics"``; the reports print it next to the name, wherever the name appears.
-    """
-    note = getattr(impl, "note", None)
-    if not note and isinstance(impl, BackendImplementation):
-        note = getattr(impl.backend, "note", None)
-    return str(note) if note else ""
-
-
 def front_end_reason(case: Case, precision: Precision) -> str | None:
     """Why the front end cannot run what ``case`` and ``precision`` ask beyond a step function."""
     if precision.needs_policy:
@@ -140,20 +129,29 @@ def front_end_reason(case: Case, precision: Precision) -> str | None:
     return None
 
 
+def device_type_of(device: str) -> str:
+    """The device type of a device string (``"npu:1"`` -> ``"npu"``), without asking torch: torch parses
+    ``"npu"`` only once torch_npu is imported."""
+    return device.split(":", 1)[0].strip()
+
+
 def device_unavailable_reason(device: str) -> str | None:
     """Why ``device`` cannot be used here, or ``None``."""
     from portopt.backends import device_unavailable_reason as type_reason
 
+    reason = type_reason(device_type_of(device))  # imports a vendor device package (torch_npu) first
+    if reason is not None:
+        return reason
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
         return f"invalid device {device!r}: {exc}"
-    reason = type_reason(dev.type)
-    if reason is not None or dev.index is None:
-        return reason
+    index: int | None = dev.index
+    if index is None:
+        return None
     module: Any = getattr(torch, dev.type, None)
     count = int(getattr(module, "device_count", lambda: 1)())
-    if dev.index >= count:
+    if index >= count:
         return f"device {device} does not exist: {count} {dev.type} device(s) here"
     return None
 
@@ -214,13 +212,14 @@ class BackendImplementation:
 
     @property
     def name(self) -> str:
-        return self.backend.name
+        label = self.backend.label
+        return f"{self.backend.name} ({label})" if label else self.backend.name
 
     def unavailable_reason(self, case: Case, spec: Spec, precision: Precision, device: str) -> str | None:
         reason = self.backend.unavailable_reason()
         if reason:
             return f"backend {self.backend.name} unavailable: {reason}"
-        dev_type = torch.device(device).type
+        dev_type = device_type_of(device)
         if dev_type not in self.backend.device_types:
             return f"backend {self.backend.name} does not run on {dev_type} (runs on: {', '.join(self.backend.device_types)})"
         unsupported = self.backend.unsupported_reason(spec)
@@ -286,8 +285,6 @@ class StepFunctionImplementation:
     build: Callable[[Spec], StepFunction]
     algorithm: str | None = None
     requires_step_counter: bool = True
-    note: str = ""
-    """What the name does not say, printed with it in every report ("a CPU emulation of ...")."""
 
     def unavailable_reason(self, case: Case, spec: Spec, precision: Precision, device: str) -> str | None:
         if self.algorithm is not None and case.algorithm != self.algorithm:
@@ -373,7 +370,7 @@ def group_arguments(spec: Spec, hypers: Mapping[str, float]) -> dict[str, Any]:
         else:
             tuples.setdefault(h.key, {})[h.group_index] = hypers[h.name]
     for key, items in tuples.items():
-        out[key] = tuple(items[i] for i in sorted(items))
+        out[key] = tuple(items.get(i) for i in range(max(items) + 1))  # an unread entry is None (Adafactor's eps)
     return out
 
 
@@ -387,8 +384,6 @@ class OptimizerAdapter:
     label: str = ""
     state_names: Mapping[str, str] = field(default_factory=dict)
     requires_step_counter: bool = False
-    note: str = ""
-    """What the name does not say, printed with it in every report."""
 
     @property
     def name(self) -> str:
@@ -443,18 +438,16 @@ class OptimizerAdapter:
         return OptimizerInstance(optimizer, setup.params, self.state_names)
 
 
-TORCH_OPTIM_CLASSES: dict[str, str] = {
-    "sgd": "SGD",
-    "adam": "Adam",
-    "adamw": "AdamW",
-    "adagrad": "Adagrad",
-    "rmsprop": "RMSprop",
-    "nadam": "NAdam",
-    "adamax": "Adamax",
-    "radam": "RAdam",
-}
-"""torch.optim's class for each of our algorithms that torch has."""
-PORTOPT_CLASSES: dict[str, str] = {**TORCH_OPTIM_CLASSES, "adabelief": "AdaBelief", "lamb": "LAMB", "lion": "Lion"}
+def _torch_optim_classes() -> dict[str, str]:
+    import torch.optim
+
+    return {a.name: a.torch_class for a in REGISTRY.values() if a.torch_class and hasattr(torch.optim, a.torch_class)}
+
+
+TORCH_OPTIM_CLASSES: dict[str, str] = _torch_optim_classes()
+"""torch.optim's class for each of our algorithms that torch has (the registry's ``torch_class``, where this
+torch provides it: torch.optim.Adafactor is new in torch 2.5)."""
+PORTOPT_CLASSES: dict[str, str] = {a.name: a.class_name for a in REGISTRY.values() if a.class_name}
 
 
 @dataclass(frozen=True)
@@ -475,7 +468,7 @@ class OptimizerFamily:
         """The adapter for ``algorithm``, or why there is none."""
         class_name = self.class_names.get(algorithm)
         try:
-            module = importlib.import_module(self.module)
+            module = importlib.import_module(MODULE_ALIASES.get(self.module, self.module))
         except ImportError as exc:
             return f"cannot import {self.module}: {exc}"
         cls = getattr(module, class_name, None) if class_name else None
@@ -498,7 +491,15 @@ class OptimizerFamily:
         return adapter.instantiate(setup)
 
 
-FAMILIES: dict[str, Mapping[str, str]] = {"torch.optim": TORCH_OPTIM_CLASSES, "portopt": PORTOPT_CLASSES}
+ONNX_PREVIEW_CLASSES: dict[str, str] = {"adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad", "sgd": "Momentum"}
+"""ONNX's preview-training ops (:mod:`portopt.conformance.onnx_preview`) for the algorithms they compute."""
+FAMILIES: dict[str, Mapping[str, str]] = {
+    "torch.optim": TORCH_OPTIM_CLASSES,
+    "portopt": PORTOPT_CLASSES,
+    "onnx.preview": ONNX_PREVIEW_CLASSES,
+}
+MODULE_ALIASES: dict[str, str] = {"onnx.preview": "portopt.conformance.onnx_preview"}
+"""Short module names accepted by ``--impl`` (``onnx.preview:Adam@adam``)."""
 
 
 def _parse_flags(text: str) -> dict[str, Any]:
@@ -536,7 +537,7 @@ def parse_implementation(text: str) -> Implementation:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r} in {text!r}; known: {', '.join(sorted(ALGORITHMS))}")
     try:
-        obj = getattr(importlib.import_module(module_name), target)
+        obj = getattr(importlib.import_module(MODULE_ALIASES.get(module_name, module_name)), target)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load {module_name}:{target}: {exc}") from None
     flags = _parse_flags(flag_text)

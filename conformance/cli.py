@@ -3,7 +3,8 @@
 ::
 
     portopt conformance [--quick] [--backend NAME ...] [--impl IMPL ...] [--device DEV ...]
-                        [--precision P ...] [--algorithm A ...] [--case PATTERN ...] [--report-dir DIR]
+                        [--precision P ...] [--algorithm A ...] [--spec MODULE:FACTORY ...]
+                        [--case PATTERN ...] [--report-dir DIR]
     portopt conformance record --out FILE [--quick] [--algorithm A ...] [--case PATTERN ...]
     portopt conformance check --golden FILE [--backend ...] [--impl ...] [--device ...] [--precision ...]
     portopt conformance list
@@ -16,7 +17,11 @@ or a ``build(spec) -> StepFunction`` callable); one declared ``@algorithm`` runs
 algorithm's cases only. The exit code is 0 when nothing failed (skips are listed with
 their reasons), 1 when a case failed or crashed, 2 for bad usage; an interrupted run
 (SIGINT, SIGTERM, ``--time-limit``) exits with 130, 143 or 124 after writing its partial
-report.
+report. A run that checked nothing is not a pass: the exit code is also 1, with a one-line
+reason, when every run was skipped, when nothing ran on a device named by ``--device``
+(absent here), or when an implementation named by ``--impl`` or ``--backend`` ran nothing
+(an unknown flag such as ``--impl torch.optim:foo=bar``); ``--allow-skips`` accepts such
+runs.
 
 A run uses ``--workers`` processes (default: one per core), prints a progress line every
 few runs when stdout is not a terminal (a bar when it is), and with ``--report-dir``
@@ -105,6 +110,12 @@ def _add_selection(parser: argparse.ArgumentParser, suppress: bool = False) -> N
         metavar="SECONDS",
         help="stop after this long, with a partial report of what ran",
     )
+    parser.add_argument(
+        "--allow-skips",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="exit 0 even when nothing ran, a requested device is absent or a requested implementation ran nothing",
+    )
 
 
 def _add_case_set(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -120,6 +131,13 @@ def _add_case_set(parser: argparse.ArgumentParser, suppress: bool = False) -> No
         action="store_true",
         default=argparse.SUPPRESS if suppress else False,
         help="the quick set (a few cases per algorithm, small problems, 8 steps) instead of the full one",
+    )
+    parser.add_argument(
+        "--spec",
+        action="append",
+        default=argparse.SUPPRESS if suppress else None,
+        metavar="MODULE:FACTORY",
+        help="also (or, without --algorithm, only) a spec of your own: FACTORY() in MODULE (repeatable)",
     )
 
 
@@ -143,13 +161,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cases(args: argparse.Namespace) -> list[Case]:
-    from portopt.conformance.cases import build_cases, matches
+    from portopt.conformance.cases import select_cases
 
     try:
-        cases = build_cases(args.algorithm, quick=args.quick)
+        cases = select_cases(args.algorithm, args.quick, tuple(args.spec or ()))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.case:
+        from portopt.conformance.cases import matches
+
         cases = [c for c in cases if matches(c.name, args.case)]
         if not cases:
             raise UsageError(f"no case matches {', '.join(args.case)}; see `portopt conformance list`")
@@ -157,17 +177,55 @@ def _cases(args: argparse.Namespace) -> list[Case]:
 
 
 def _implementations(args: argparse.Namespace) -> list[Implementation]:
+    """The implementations under test; those named on the command line are recorded in ``args.requested``
+    (``(flag, implementation name)``) for :func:`skip_failure`."""
     from portopt.conformance.candidates import parse_implementation
     from portopt.conformance.runner import backend_implementations
 
     impls: list[Implementation] = []
+    requested: list[tuple[str, str]] = []
     try:
         if args.backend or not args.impl:
-            impls += backend_implementations(args.backend)
-        impls += [parse_implementation(text) for text in args.impl or ()]
+            backends = backend_implementations(args.backend)
+            impls += backends
+            if args.backend:
+                requested += [(f"--backend {impl.name}", impl.name) for impl in backends]
+        for text in args.impl or ():
+            impl = parse_implementation(text)
+            impls.append(impl)
+            requested.append((f"--impl {text}", impl.name))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    args.requested = requested
     return impls
+
+
+def skip_failure(results: Sequence[RunResult], args: argparse.Namespace) -> str | None:
+    """Why a run without failures still checked too little to pass (module doc), or ``None``.
+
+    The golden file's own reference check does not count as a run of an implementation.
+    """
+    from portopt.conformance.golden import REFERENCE_NAME
+    from portopt.conformance.results import SKIP
+
+    if getattr(args, "allow_skips", False):
+        return None
+    runs = [r for r in results if r.implementation != REFERENCE_NAME]
+
+    def first_reason(rows: Sequence[RunResult]) -> str:
+        return next((r.reason for r in rows if r.reason), "no reason given")
+
+    for device in args.device or ():
+        on_device = [r for r in runs if r.device == device]
+        if on_device and not any(r.status != SKIP for r in on_device):
+            return f"nothing ran on device {device!r}: {first_reason(on_device)}"
+    for flag, name in getattr(args, "requested", ()):
+        mine = [r for r in runs if r.implementation == name]
+        if mine and not any(r.status != SKIP for r in mine):
+            return f"{flag} ran nothing: {first_reason(mine)}"
+    if not any(r.status != SKIP for r in runs):
+        return f"nothing ran: all {len(runs)} run(s) were skipped ({first_reason(runs)})"
+    return None
 
 
 def _precisions(args: argparse.Namespace) -> list[Precision]:
@@ -199,6 +257,7 @@ def _selection(args: argparse.Namespace) -> Any:
     return Selection(
         quick=args.quick,
         algorithms=tuple(args.algorithm) if args.algorithm else None,
+        specs=tuple(args.spec or ()),
         case_patterns=tuple(args.case or ()),
         backends=tuple(args.backend) if args.backend else None,
         impls=tuple(args.impl or ()),
@@ -239,7 +298,7 @@ def _finish(
     results: list[RunResult], args: argparse.Namespace, started: float, writer: Any, interrupted: Any = None
 ) -> int:
     from portopt.conformance.report_terminal import console, terminal_report
-    from portopt.conformance.results import ERROR, FAIL, PASS
+    from portopt.conformance.results import ERROR, FAIL
 
     out = console()
     terminal_report(results, out)
@@ -253,9 +312,13 @@ def _finish(
         out.print("reports: " + ", ".join(str(p) for p in paths), highlight=False)
     if interrupted is not None:
         return int(interrupted.exit_code)
-    if not any(r.status == PASS for r in results) and not any(r.status in (FAIL, ERROR) for r in results):
-        out.print("[yellow]nothing ran: every combination was skipped[/yellow]")
-    return EXIT_FAILED if any(r.status in (FAIL, ERROR) for r in results) else EXIT_OK
+    if any(r.status in (FAIL, ERROR) for r in results):
+        return EXIT_FAILED
+    too_little = skip_failure(results, args)
+    if too_little is not None:
+        print(f"portopt conformance: error: {too_little} (pass --allow-skips to accept this)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _command_line() -> str:
@@ -358,12 +421,14 @@ def run(args: argparse.Namespace) -> int:
     command = getattr(args, "conformance_command", None)
     for name, default in (
         ("algorithm", None),
+        ("spec", None),
         ("quick", False),
         ("case", None),
         ("no_drift", False),
         ("no_diagnose", False),
         ("workers", None),
         ("time_limit", None),
+        ("allow_skips", False),
     ):
         if not hasattr(args, name):
             setattr(args, name, default)

@@ -45,11 +45,12 @@ from portopt.conformance.results import LOCKSTEP, Diagnosis, RunResult, VariantS
 from portopt.conformance.runner import new_trajectory
 from portopt.conformance.session import device_grads, new_instance, sync
 from portopt.conformance.tolerance import Tolerance, allowed_error, compare, error_ratio
-from portopt.conformance.variants import PAIR_AND, PAIR_SEPARATOR, Variant, known_variants, variant_pairs
+from portopt.conformance.variants import Variant, difference_count, known_variants, variant_pairs
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr
 
 F64 = torch.float64
+_COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 PAIR_SEARCH_ELEMENTS = 200_000
 """Problems up to this many elements keep every step of the re-run for the search of variant pairs."""
 _COMPUTE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", F64: "float64"}
@@ -277,14 +278,11 @@ def _summary(
         return f"{impl.name}: {first}"
     pattern = f" Element pattern: {localized}." if localized and not structural else ""
     contract = _contract(precision)
-    names, texts = (
-        matched.name.split(PAIR_SEPARATOR) if matched else [],
-        matched.description.split(PAIR_AND) if matched else [],
-    )
-    if matched is not None and len(names) == len(texts) == 2:
+    if matched is not None and difference_count(matched.name) > 1:
+        count = difference_count(matched.name)
         return (
-            f"{impl.name} computes {spec.title} with two differences: {texts[0]} [{names[0]}], "
-            f"and {texts[1]} [{names[1]}].{pattern} First divergence: {first}"
+            f"{impl.name} computes {spec.title} with {_COUNT_WORDS.get(count, str(count))} differences: "
+            f"{matched.description} [{matched.name}].{pattern} First divergence: {first}"
         )
     if matched is not None:
         return (

@@ -6,8 +6,15 @@ every gradient) and the float64 reference trajectory (parameters, states and ste
 counters after every step) into one compressed ``.npz`` file whose ``manifest.json``
 member carries a SHA-256 checksum over the manifest and every array.
 
-``portopt conformance check --golden FILE`` verifies the checksum (a modified or
-corrupted file fails with a message saying so), rebuilds each case from the file (the
+``portopt conformance check --golden FILE`` reads the file as untrusted data: sizes,
+member headers and every manifest field are checked before anything is decompressed or
+built (:mod:`~portopt.conformance.golden_archive`, :mod:`~portopt.conformance.golden_manifest`;
+every problem a :class:`GoldenError` naming the field), the recorded specs go through the
+spec loader with its limits, and nothing read from the file is ever run as code. It then
+verifies the checksum (a corrupted file fails with a message saying so; the SHA-256
+detects accidents, not tampering, since whoever edits a file can recompute it) and, when
+``PORTOPT_GOLDEN_KEY`` is set, requires and verifies an HMAC-SHA256 signature made with
+that key at recording (the way to detect tampering), rebuilds each case from the file (the
 recorded spec, not the library's current one), recomputes the float64 reference from the
 stored inputs and checks that it reproduces the stored trajectory within the float64
 tolerance model (so the reference of this machine and of the recording machine agree),
@@ -18,13 +25,10 @@ against their own devices are thereby compared with each other, without ever mee
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import platform
 import time
-import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,22 +40,29 @@ from torch import Tensor
 import portopt
 from portopt.conformance.cases import Case
 from portopt.conformance.chain import PARAM, Reference, Trajectory
+from portopt.conformance.golden_archive import (
+    ExpectFn,
+    GoldenError,
+    Signature,
+    checksum,
+    read_members,
+    sign,
+    signing_key,
+    verify_signature,
+)
+from portopt.conformance.golden_manifest import FORMAT, VERSION, CaseEntry, member_checker, read_manifest
 from portopt.conformance.precision import PRECISIONS
-from portopt.conformance.problems import Layout, Problem, Regime, TensorSpec
+from portopt.conformance.problems import Problem, TensorSpec
 from portopt.conformance.results import FAIL, PASS, Divergence, RunResult
 from portopt.conformance.tolerance import TOLERANCES, compare
 
-FORMAT = "portopt.conformance.golden"
-VERSION = 1
 MANIFEST = "manifest.json"
+REFERENCE_NAME = "reference (golden)"
+"""The implementation name of a golden file's own reference check (:func:`verify_reference`)."""
 RECORD_PRECISION = PRECISIONS["fp64"]
 """The trajectory is recorded in float64 storage: exactly the reference's arithmetic."""
 INPUT_PRECISION = PRECISIONS["fp32"]
 """Inputs are generated as for float32 (huge gradients stay finite in float32 and bfloat16)."""
-
-
-class GoldenError(Exception):
-    """A golden file that cannot be used: unreadable, tampered with, or of another format."""
 
 
 @dataclass
@@ -85,30 +96,6 @@ def _tensor_spec_to_dict(t: TensorSpec) -> dict[str, Any]:
         "nonfinite_at": list(t.nonfinite_at),
         "param_scale": t.param_scale,
     }
-
-
-def _tensor_spec_from_dict(d: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(
-        tuple(d["shape"]),
-        d["group"],
-        Layout(d["layout"]),
-        Regime(d["regime"]),
-        d["grads"],
-        tuple(d["zero_at"]),
-        tuple(d["nonfinite_at"]),
-        d["param_scale"],
-    )
-
-
-def _checksum(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    digest.update(json.dumps(body, sort_keys=True).encode())
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def _np(x: Tensor) -> np.ndarray:
@@ -170,7 +157,10 @@ def record(cases: Sequence[Case], path: str | Path, progress: Callable[[Case], N
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cases": entries,
     }
-    manifest["checksum"] = _checksum(manifest, arrays)
+    manifest["checksum"] = checksum(manifest, arrays)
+    key = signing_key()
+    if key is not None:
+        manifest["signature"] = sign(manifest["checksum"], key)
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
@@ -180,40 +170,44 @@ def record(cases: Sequence[Case], path: str | Path, progress: Callable[[Case], N
 
 @dataclass
 class Golden:
-    """A loaded, verified golden file."""
+    """A loaded, verified golden file: its manifest, validated cases, arrays and signature state."""
 
     path: Path
     manifest: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    entries: list[CaseEntry]
+    signature: Signature
 
     def cases(self) -> list[tuple[Case, StoredProblem]]:
         """Every recorded case, rebuilt with its recorded spec, and its stored inputs."""
         out = []
-        for c, entry in enumerate(self.manifest["cases"]):
-            tensors = tuple(_tensor_spec_from_dict(t) for t in entry["problem"]["tensors"])
+        for c, entry in enumerate(self.entries):
+            tensors = entry.tensors
             initial = [self._tensor(f"c{c}/init/{i}") for i in range(len(tensors))]
             grads = {
                 (t, i): self._tensor(f"c{c}/grad/{t}/{i}")
-                for t in range(1, entry["steps"] + 1)
+                for t in range(1, entry.steps + 1)
                 for i in range(len(tensors))
                 if f"c{c}/grad/{t}/{i}" in self.arrays
             }
-            stored = StoredProblem(entry["problem"]["name"], tensors, initial, grads)
-            problem = Problem(entry["problem"]["name"], tensors, seed=0, description="read from a golden file")
+            stored = StoredProblem(entry.problem_name, tensors, initial, grads)
+            problem = Problem(entry.problem_name, tensors, seed=0, description="read from a golden file")
             case = Case(
-                name=entry["name"],
-                algorithm=entry["algorithm"],
-                options=tuple((k, v) for k, v in entry["options"]),
-                hypers=tuple((k, float(v)) for k, v in entry["hypers"]),
+                name=entry.name,
+                algorithm=entry.algorithm,
+                options=entry.options,
+                hypers=entry.hypers,
                 problem=problem,
-                steps=entry["steps"],
-                maximize=entry["maximize"],
-                note=entry["note"],
+                steps=entry.steps,
+                maximize=entry.maximize,
+                note=entry.note,
             )
-            out.append((replace(case, spec_json=entry["spec_json"]), stored))
+            out.append((replace(case, spec_json=entry.spec_json), stored))
         return out
 
     def _tensor(self, name: str) -> Tensor:
+        if name not in self.arrays:
+            raise GoldenError(f"golden file {self.path} has no array {name!r}; it is incomplete")
         return torch.from_numpy(np.array(self.arrays[name], dtype=np.float64))
 
     def trajectory_value(self, case_index: int, step: int, tensor: int, quantity: str) -> Tensor | None:
@@ -222,54 +216,51 @@ class Golden:
 
 
 def load(path: str | Path) -> Golden:
-    """Read and verify a golden file; :class:`GoldenError` says what is wrong with it."""
+    """Read and verify a golden file (module doc); :class:`GoldenError` says what is wrong with it."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except FileNotFoundError:
-        raise GoldenError(f"golden file {path} does not exist") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise GoldenError(f"golden file {path} is not a readable .npz archive ({exc}); it is corrupted") from None
-    if MANIFEST not in arrays:
-        raise GoldenError(f"golden file {path} has no {MANIFEST}: not a portopt golden file")
-    try:
-        manifest = json.loads(arrays.pop(MANIFEST).tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GoldenError(
-            f"golden file {path}: its manifest is not valid JSON ({exc}); the file was modified"
-        ) from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise GoldenError(
-            f"golden file {path} has format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"this portopt reads {FORMAT!r} version {VERSION}"
-        )
-    stored, computed = manifest.get("checksum"), _checksum(manifest, arrays)
+    entries: list[CaseEntry] = []
+
+    def expect(manifest: Mapping[str, Any]) -> ExpectFn:
+        try:
+            entries.extend(read_manifest(manifest))
+        except GoldenError as exc:
+            raise GoldenError(f"its manifest is malformed: {exc}") from None
+        return member_checker(entries)
+
+    manifest, arrays = read_members(path, expect)
+    for c, entry in enumerate(entries):
+        missing = [f"c{c}/init/{i}" for i in range(len(entry.tensors)) if f"c{c}/init/{i}" not in arrays]
+        if missing:
+            raise GoldenError(
+                f"golden file {path} has no initial parameters {', '.join(missing[:3])}; it is incomplete"
+            )
+    stored, computed = manifest["checksum"], checksum(manifest, arrays)
     if stored != computed:
         raise GoldenError(
             f"golden file {path} failed its integrity check: SHA-256 checksum mismatch (stored {str(stored)[:16]}..., "
             f"computed {computed[:16]}...): the file was modified or corrupted after it was recorded; "
             "record it again with `portopt conformance record`"
         )
-    return Golden(path, manifest, arrays)
+    try:
+        signature = verify_signature(manifest, computed)
+    except GoldenError as exc:
+        raise GoldenError(f"golden file {path}: {exc}") from None
+    return Golden(path, manifest, arrays, entries, signature)
 
 
 def verify_reference(golden: Golden, case_index: int, case: Case, source: StoredProblem) -> RunResult:
     """Recompute the float64 reference from the stored inputs and compare it with the stored trajectory."""
     spec = case.spec()
-    entry = golden.manifest["cases"][case_index]
-    hypers = [dict(h) for h in entry["group_hypers"]]
+    entry = golden.entries[case_index]
+    hypers = [dict(h) for h in entry.group_hypers]
     tol = TOLERANCES["fp64"]
-    result = RunResult(case.name, case.algorithm, "reference (golden)", "fp64", "cpu", PASS, steps=case.steps)
+    result = RunResult(case.name, case.algorithm, REFERENCE_NAME, "fp64", "cpu", PASS, steps=case.steps)
     trajectory = Trajectory(Reference(spec, source, hypers, RECORD_PRECISION, tol.bound_factor), keep_history=False)
     for t in range(1, case.steps + 1):
         after = trajectory.step(t).after
-        if list(after.steps) != entry["step_counters"][t - 1]:
+        if list(after.steps) != list(entry.step_counters[t - 1]):
             result.status = FAIL
-            result.reason = (
-                f"step {t}: step counters {list(after.steps)} differ from the recorded {entry['step_counters'][t - 1]}"
-            )
+            result.reason = f"step {t}: step counters {list(after.steps)} differ from the recorded {list(entry.step_counters[t - 1])}"
             return result
         for i in range(len(source.tensors)):
             quantities = {PARAM: after.params[i], **(after.states[i] or {})}

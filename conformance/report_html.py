@@ -42,7 +42,6 @@ th { background: #f4f4f4; }
 .banner { padding: 0.6em 1em; border-radius: 4px; margin: 0.8em 0; font-size: 15px; }
 .banner.complete { background: #e3f4e3; } .banner.partial { background: #fff1bd; border: 1px solid #d9b600; }
 .banner.failed { background: #f9d6d6; }
-.note { color: #8a5a00; font-size: 11px; font-weight: normal; }
 pre { white-space: pre-wrap; font-size: 12px; background: #f8f8f8; padding: 0.5em; border: 1px solid #eee; }
 .env td:first-child { font-weight: bold; white-space: nowrap; }
 details > summary { cursor: pointer; } .muted { color: #777; }
@@ -101,11 +100,7 @@ def _banner(results: Sequence[RunResult], meta: dict[str, Any]) -> str:
     return f"<div class='banner {cls}'><b>{word}</b>: {len(results)} runs. {totals}</div>"
 
 
-def _notes_of(results: Sequence[RunResult]) -> dict[str, str]:
-    return {r.implementation: r.implementation_note for r in results if r.implementation_note}
-
-
-def _matrix(m: Matrix, notes: dict[str, str], failure_ids: dict[str, str]) -> str:
+def _matrix(m: Matrix, failure_ids: dict[str, str]) -> str:
     if not m.rows:
         return "<p class='muted'>No run has finished yet.</p>"
     impls: dict[str, list[int]] = {}
@@ -113,8 +108,7 @@ def _matrix(m: Matrix, notes: dict[str, str], failure_ids: dict[str, str]) -> st
         impls.setdefault(c.implementation, []).append(i)
     head1 = "<tr><th rowspan='3'>algorithm</th>"
     for impl, idx in impls.items():
-        note = f"<br><span class='note'>{esc(notes[impl])}</span>" if impl in notes else ""
-        head1 += f"<th colspan='{len(idx)}'>{_breakable(impl)}{note}</th>"
+        head1 += f"<th colspan='{len(idx)}'>{_breakable(impl)}</th>"
     head2 = "<tr>" + "".join(f"<th>{esc(c.precision)}</th>" for c in m.columns) + "</tr>"
     head3 = "<tr>" + "".join(f"<th class='muted'>{esc(c.device)}</th>" for c in m.columns) + "</tr>"
     rows = [head1 + "</tr>", head2, head3]
@@ -156,7 +150,7 @@ def _failure(r: RunResult, anchor: str, plot_html: str) -> str:
     out = [f"<div class='failure {cls}' id='{anchor}'>"]
     out.append(f"<h3>{esc(r.case)} — {esc(r.implementation)} — {esc(r.precision)} — {esc(r.device)}: {r.status}</h3>")
     facts = [
-        ("implementation", r.implementation + (f" ({r.implementation_note})" if r.implementation_note else "")),
+        ("implementation", r.implementation),
         ("precision contract", precision.contract if precision else r.precision),
         ("worst normalised error", f"lock-step {format_score(r.worst_lockstep)}, free-running {format_score(r.worst_drift)}"),
     ]  # fmt: skip
@@ -320,7 +314,7 @@ def render(results: Sequence[RunResult], meta: dict[str, Any], cache: HtmlPlots 
         "step</a> · <a href='#reading'>how to read this</a> · <a href='#skipped'>skipped</a> · <a href='#runs'>every "
         "run</a> · <a href='#environment'>environment and command</a></p>",
         "<h2 id='matrix'>Summary</h2>",
-        _matrix(matrix, _notes_of(results), failure_ids),
+        _matrix(matrix, failure_ids),
     ]
     if no_plots:
         parts.append(f"<p class='banner partial'>No plots in this report: {esc(no_plots)}.</p>")

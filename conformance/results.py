@@ -74,7 +74,7 @@ class VariantScore:
 @dataclass
 class Diagnosis:
     """Why a run failed: first divergence, the element pattern (``localized``), and the variant it
-    computes (``matched``: one variant, or two joined by " + ")."""
+    computes (``matched``: one variant, or several joined by ``+``)."""
 
     summary: str
     first_divergence: Divergence | None = None
@@ -109,8 +109,6 @@ class RunResult:
     seconds: float = 0.0
     failed_tensors: dict[str, int] = field(default_factory=dict)
     """Every tensor that left the tolerance (in either mode), with the first step it did."""
-    implementation_note: str = ""
-    """What the implementation is, where its name does not say it (an emulation, a vendor op's contract)."""
 
     @property
     def borderline(self) -> bool:

@@ -24,7 +24,6 @@ from portopt.conformance.candidates import (
     BackendImplementation,
     Implementation,
     UnloadableBackend,
-    implementation_note,
 )
 from portopt.conformance.cases import FOUND_INF, Case
 from portopt.conformance.chain import ProblemSource, Reference, Trajectory
@@ -167,7 +166,6 @@ def run_group(
         result = RunResult(case.name, case.algorithm, impl.name, precision.name, device, PASS, steps=case.steps)
         try:
             result, spec_here, tolerance = _prepare(case, impl, precision, device, options)
-            result.implementation_note = implementation_note(impl)
             if spec_here is not None and tolerance is not None:
                 spec = spec_here
                 trajectory = trajectory or new_trajectory(case, spec, precision, source)

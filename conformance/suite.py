@@ -54,6 +54,8 @@ class Selection:
 
     quick: bool = False
     algorithms: tuple[str, ...] | None = None
+    specs: tuple[str, ...] = ()
+    """``module:factory`` of specs of the user's own (``--spec``), loaded again in each worker."""
     case_patterns: tuple[str, ...] = ()
     backends: tuple[str, ...] | None = None
     impls: tuple[str, ...] = ()
@@ -64,9 +66,9 @@ class Selection:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def cases(self) -> list[Case]:
-        from portopt.conformance.cases import build_cases, matches
+        from portopt.conformance.cases import matches, select_cases
 
-        cases = build_cases(self.algorithms, quick=self.quick)
+        cases = select_cases(self.algorithms, self.quick, self.specs)
         if self.case_patterns:
             cases = [c for c in cases if matches(c.name, self.case_patterns)]
         return cases

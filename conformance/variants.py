@@ -15,19 +15,25 @@ to a square root, no ``β^t``) produce nothing.
 ``eps-inside-sqrt-before-correction``  ``sqrt(v + ε)/sqrt(1 − β2^t)``
 ``no-eps``                             ε = 0
 ``beta-power-t-minus-1`` / ``+1``      ``β^(t−1)`` or ``β^(t+1)`` for every ``β^t``
+``bias-correction-from-update-count``  ``β^t`` read as ``β^(t−1)``, and as 0 at the first step
+                                       (ONNX's ``T``: the number of earlier updates)
 ``no-bias-correction``                 ``β^t`` read as 0
 ``no-first-moment-correction``         ``x/(1 − β1^t)`` read as ``x`` (m̂ = m)
 ``no-second-moment-correction``        ``sqrt(1 − β2^t)`` read as 1 and ``v/(1 − β2^t)`` as ``v``
                                        (an uncorrected ``sqrt(v_t)``; ρ_t keeps its ``β2^t``)
+``step-plus-1``                        every ``t`` read as ``t + 1`` (an update count one ahead)
 ``no-weight-decay``                    λ = 0
 ``decoupled-weight-decay``             ``p·(1 − lr·λ)`` instead of ``g + λ·p``
 ``coupled-weight-decay``               ``g + λ·p`` instead of ``p·(1 − lr·λ)``
+``decay-after-update``                 ``(1 − lr·λ)·(p − Δ)`` instead of ``p·(1 − lr·λ) − Δ``
 ``maximize-ignored``                   descending although maximize was asked
 ``no-first-step-special-case``         ``where(t == 1, a, b)`` read as ``b``
 ``betas-swapped``                      β1 and β2 exchanged
 ``<option>=<value>``                   the factory with one option changed (amsgrad,
                                        nesterov, centered, RAdam's threshold, ...)
 ``no-update``                          nothing changes at all
+``<a>+<b>[+<c>]``                      several conventions of one known implementation at
+                                       once (:data:`CONVENTION_SETS`: ONNX preview Adam's)
 =====================================  ====================================================
 
 Two differences at once (RAdam with the paper's threshold *and* an uncorrected ``sqrt(v_t)``)
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,7 +53,7 @@ from portopt.algorithms.common import coupled_decay_gradient, decoupled_decay
 from portopt.conformance.cases import Case
 from portopt.spec.definition import OptionValue, Spec
 from portopt.spec.errors import SpecError
-from portopt.spec.expr import Expr, G, P, T, const, maximum, sqrt, square, state, walk
+from portopt.spec.expr import Expr, G, P, T, const, eq, maximum, sqrt, square, state, walk, where
 from portopt.spec.ops import Op
 
 Rewrite = Callable[[Expr], Expr | None]
@@ -71,10 +78,17 @@ class Variant:
     maximize: bool | None = None
 
 
-PAIR_SEPARATOR = " + "
-"""Between the names of the two variants of a pair: ``threshold=4.0 + no-second-moment-correction``."""
-PAIR_AND = "; and "
+PAIR_SEPARATOR = "+"
+"""Between the names of the parts of a variant of several differences: a pair found by
+:func:`variant_pairs` (``threshold=4.0+no-second-moment-correction``) or a known set of conventions
+(:data:`CONVENTION_SETS`)."""
+PAIR_AND = "; "
 """Between their descriptions."""
+
+
+def difference_count(name: str) -> int:
+    """How many differences the variant called ``name`` combines (1 for a single variant)."""
+    return name.count(PAIR_SEPARATOR) + 1
 
 
 def strip(e: Expr) -> Expr:
@@ -200,6 +214,77 @@ def _shift_beta_power(delta: float | None) -> Rewrite:
     return rewrite
 
 
+def _bias_correction_from_update_count(node: Expr) -> Expr | None:
+    """``β^t`` as ``β^T`` with ``T = t − 1`` the number of earlier updates, and no correction when
+    ``T = 0`` (ONNX's Adam: ``T > 0 ? R·sqrt(1 − β2^T)/(1 − β1^T) : R``)."""
+    if node.op is not Op.POW or node.args[1].op is not Op.STEP or node.args[0].op not in (Op.HYPER, Op.CONST):
+        return None
+    return where(eq(T, 1), 0.0, node.args[0] ** (T - 1))
+
+
+def _step_plus_one(node: Expr) -> Expr | None:
+    return T + 1 if node.op is Op.STEP else None
+
+
+def _decay_after_update(spec: Spec) -> Spec | None:
+    """``p·(1 − lr·λ) − Δ₁ − Δ₂`` becomes ``(p − Δ₁ − Δ₂)·(1 − lr·λ)``: the decay multiplies the updated value."""
+    decayed = strip(decoupled_decay(P))
+    node, steps = spec.param_update, list[Expr]()
+    while node.op is Op.SUB and strip(node) != decayed:
+        node, steps = node.args[0], [node.args[1], *steps]
+    if strip(node) != decayed or not steps:
+        return None
+    updated = P
+    for delta in steps:
+        updated = updated - delta
+    try:
+        return dataclasses.replace(spec, param_update=updated * node.args[1])
+    except SpecError:
+        return None
+
+
+SpecTransform = Callable[[Spec], "Spec | None"]
+CONVENTIONS: dict[str, tuple[str, SpecTransform]] = {
+    "eps-before-bias-correction": (
+        "ε added before the bias correction: (sqrt(v) + ε)/sqrt(1 − β2^t)",
+        lambda spec: rewrite_spec(spec, _eps_before_correction(False)),
+    ),
+    "bias-correction-from-update-count": (
+        "bias correction from the update count T = t − 1 (none at the first step, β^(t−1) after)",
+        lambda spec: rewrite_spec(spec, _bias_correction_from_update_count),
+    ),
+    "decay-after-update": (
+        "decoupled weight decay after the update: (1 − lr·λ)·(p − Δ) instead of p·(1 − lr·λ) − Δ",
+        _decay_after_update,
+    ),
+}
+"""Conventions that are also tried together (:data:`CONVENTION_SETS`): name -> (description, transform)."""
+CONVENTION_SETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "ONNX preview-training Adam",
+        ("eps-before-bias-correction", "bias-correction-from-update-count", "decay-after-update"),
+    ),
+)
+"""Known implementations whose arithmetic differs from the spec's in several conventions at once: every
+combination of two or more of a set's conventions that all apply to the spec is a variant of its own."""
+
+
+def _combined(spec: Spec) -> list[tuple[str, str, Spec]]:
+    out: list[tuple[str, str, Spec]] = []
+    for source, names in CONVENTION_SETS:
+        for size in range(2, len(names) + 1):
+            for combo in itertools.combinations(names, size):
+                variant: Spec | None = spec
+                for name in combo:
+                    variant = CONVENTIONS[name][1](variant) if variant is not None else None
+                if variant is None:
+                    continue
+                whole = "" if size < len(names) else f"{source}'s conventions: "
+                text = whole + PAIR_AND.join(CONVENTIONS[n][0] for n in combo)
+                out.append((PAIR_SEPARATOR.join(combo), text, variant))
+    return out
+
+
 def _replace_structure(target: Expr, replacement: Expr) -> Rewrite:
     pattern = strip(target)
 
@@ -304,11 +389,6 @@ def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, f
         rewrite_spec(spec, _eps_clamp),
     )
     add(
-        "eps-before-bias-correction",
-        "ε added before the bias correction: (sqrt(v) + ε)/sqrt(1 − β2^t)",
-        rewrite_spec(spec, _eps_before_correction(False)),
-    )
-    add(
         "eps-inside-sqrt-before-correction",
         "ε inside the square root before the bias correction: sqrt(v + ε)/sqrt(1 − β2^t)",
         rewrite_spec(spec, _eps_before_correction(True)),
@@ -326,12 +406,20 @@ def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, f
         "an uncorrected second moment (sqrt(v_t) instead of sqrt(v_t/(1 − β2^t)))",
         rewrite_spec(spec, _no_second_moment_correction),
     )
+    for name, (description, transform) in CONVENTIONS.items():
+        add(name, description, transform(spec))
     add("decoupled-weight-decay", "decoupled weight decay p·(1 − lr·λ) instead of g + λ·p", _coupled_to_decoupled(spec))
     add("coupled-weight-decay", "coupled weight decay g + λ·p instead of p·(1 − lr·λ)", _decoupled_to_coupled(spec))
     add(
         "no-first-step-special-case",
         "no special first step (where(t == 1, ...) always takes the later-step formula)",
         rewrite_spec(spec, _no_first_step_case),
+    )
+    # After the specific variants above: where both match (SGD's t == 1 test), ties name the specific one.
+    add(
+        "step-plus-1",
+        "the step counter one ahead: every t read as t + 1 (an update count that starts at 1, not 0)",
+        rewrite_spec(spec, _step_plus_one),
     )
     if case.maximize and case.algorithm in ALGORITHMS:
         add(
@@ -351,22 +439,25 @@ def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, f
         swapped = tuple({**h, "beta1": h["beta2"], "beta2": h["beta1"]} for h in groups)
         add("betas-swapped", "β1 and β2 exchanged", spec, swapped)
     add("no-update", "no update at all (parameters and states never change)", _no_update(spec))
+    for name, description, variant in _combined(spec):
+        add(name, description, variant)
     return out
 
 
 def variant_pairs(case: Case, singles: Sequence[Variant]) -> list[Variant]:
-    """Every variant ``a + b`` of two differences, ``b`` applied on top of ``a``.
+    """Every variant ``a+b`` of two differences, ``b`` applied on top of ``a``.
 
     ``b`` is looked up among the variants of ``a``'s spec (with ``a``'s hyperparameters, and
     ``a``'s factory options when ``a`` rebuilt the spec), so any variant of
     :func:`known_variants` combines with any other; a factory variant comes first (it rebuilds
     the spec). Pairs that do not combine (ε inside the square root and ε clamped: the second
-    finds no ``sqrt(x) + ε`` left) or that equal one of their parts are left out.
+    finds no ``sqrt(x) + ε`` left), that equal one of their parts, or that a known set of
+    conventions already tried (:data:`CONVENTION_SETS`) are left out.
     """
-    by_name = {v.name: v for v in singles}
-    seen: set[frozenset[str]] = set()
+    by_name = {v.name: v for v in singles if difference_count(v.name) == 1}
+    seen: set[frozenset[str]] = {frozenset(v.name.split(PAIR_SEPARATOR)) for v in singles if v.name not in by_name}
     out: list[Variant] = []
-    for first in singles:
+    for first in by_name.values():
         base = case
         if first.options is not None:
             base = dataclasses.replace(case, options=first.options, maximize=bool(first.maximize))

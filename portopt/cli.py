@@ -22,7 +22,9 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "portopt.cli_show",
     "portopt.cli_list",
     "portopt.cli_memory",
+    "portopt.cli_doctor",
     "portopt.conformance.cli",
+    "portopt.cli_export",
 )
 """Modules that each define a ``COMMAND``, in the order ``portopt --help`` lists them."""
 

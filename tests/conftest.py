@@ -2,6 +2,8 @@
 
 - ``slow``: excluded by the default run (``addopts = -m 'not slow'``); run with ``-m slow``.
 - ``cuda``: needs a CUDA device; skipped, with a reason naming what is missing, where there is none.
+- ``npu``: needs torch_npu and an Ascend NPU; skipped with the reason (package missing or broken,
+  no device). torch_npu is looked for only when a collected test carries the marker.
 """
 
 from __future__ import annotations
@@ -11,9 +13,16 @@ import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip_cuda = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip_cuda)
+    if not torch.cuda.is_available():
+        skip_cuda = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip_cuda)
+    npu_items = [item for item in items if item.get_closest_marker("npu") is not None]
+    if npu_items:
+        from portopt.backends import device_unavailable_reason
+
+        missing = device_unavailable_reason("npu")
+        if missing is not None:
+            for item in npu_items:
+                item.add_marker(pytest.mark.skip(reason=f"needs torch_npu and an Ascend NPU: {missing}"))

@@ -81,14 +81,20 @@ def test_json_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert RunResult.from_dict(data).to_dict() == data
 
 
-def test_an_absent_device_is_skipped_with_the_reason(tmp_path: Path) -> None:
+def test_an_absent_device_is_skipped_with_the_reason_and_fails_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: nothing to skip")
     argv = ["--quick", "--algorithm", "sgd", "--backend", "torch", "--device", "cuda", "--precision", "fp32"]
-    assert main([*argv, "--report-dir", str(tmp_path)]) == 0
+    assert main([*argv, "--report-dir", str(tmp_path)]) == 1  # a gate that checked nothing does not pass
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("portopt conformance: error:")]
+    assert "nothing ran on device 'cuda'" in line
+    assert "--allow-skips" in line
     results = read_json(tmp_path / "conformance.json")
     assert results
     assert all(r.status == "skip" and "cuda" in r.reason for r in results)
+    assert main([*argv, "--allow-skips"]) == 0
 
 
 def test_master_weights_run_on_a_backend_without_policy_support(tmp_path: Path) -> None:

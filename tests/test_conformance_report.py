@@ -223,19 +223,29 @@ def test_terminal_tables_on_a_narrow_page_wrap_instead_of_truncating() -> None:
     assert "torch_fu" in text
 
 
-def test_an_implementation_labelled_as_an_emulation_says_so_in_every_report(tmp_path: Path) -> None:
-    """An op-contract emulation must never read as the vendor's kernel itself: its note goes from the
-    implementation into each result and is printed next to its name."""
+def test_a_backend_labelled_as_an_emulation_says_so_in_every_report(tmp_path: Path) -> None:
+    """An op-contract emulation must never read as the vendor's kernel itself: its backend's ``label``
+    is part of the implementation's name, in the matrix, the JSON, JUnit, Markdown and the terminal."""
+    import dataclasses
+
     from portopt.backends import named_backend
-    from portopt.conformance.candidates import StepFunctionImplementation
+    from portopt.conformance.candidates import BackendImplementation
     from portopt.conformance.cases import build_cases
     from portopt.conformance.precision import PRECISIONS
     from portopt.conformance.runner import run_matrix
 
-    note = "CPU emulation of a vendor op's documented semantics, not the vendor kernel"
-    impl = StepFunctionImplementation("npu-contract", named_backend("torch").build, "sgd", note=note)
-    results = run_matrix(build_cases(["sgd"])[:1], [impl], [PRECISIONS["fp32"]])
-    assert [r.implementation_note for r in results] == [note]
+    label = "CPU emulation of a vendor op's documented semantics, not the vendor kernel"
+    backend = dataclasses.replace(named_backend("torch"), name="vendor-contract", label=label)
+    results = run_matrix(build_cases(["sgd"])[:1], [BackendImplementation(backend)], [PRECISIONS["fp32"]])
+    named = f"vendor-contract ({label})"
+    assert [r.implementation for r in results] == [named]
     write_reports(results, tmp_path, {})
-    assert note.replace("'", "&#x27;") in (tmp_path / "conformance.html").read_text()
-    assert json.loads((tmp_path / "conformance.json").read_text())["results"][0]["implementation_note"] == note
+    html = (tmp_path / "conformance.html").read_text()
+    matrix = html[html.index("<table class='matrix'>") :]
+    assert "vendor-contract (CPU emulation of a vendor op&#x27;s" in matrix.replace("<wbr>", "")
+    assert json.loads((tmp_path / "conformance.json").read_text())["results"][0]["implementation"] == named
+    assert label in (tmp_path / "conformance.xml").read_text()
+    assert label in (tmp_path / "conformance.md").read_text()
+    buffer = io.StringIO()
+    terminal_report(results, console(buffer))
+    assert label in buffer.getvalue()

@@ -102,11 +102,6 @@ def test_constructor_errors_name_parameter_value_and_range(name: str, kwargs: di
         getattr(portopt, name)(_params(), **kwargs)
 
 
-def test_differentiable_is_refused_with_a_reason() -> None:
-    with pytest.raises(ValueError, match="differentiable=True is not supported"):
-        portopt.Adam(_params(), differentiable=True)
-
-
 def test_generic_optimizer_rejects_unknown_hyperparameters() -> None:
     with pytest.raises(
         TypeError, match=r"unknown hyperparameter\(s\) 'momentum'; accepted: lr, betas \(beta1, beta2\)"
@@ -199,12 +194,3 @@ def test_new_parameters_get_no_state_when_the_step_fails() -> None:
         opt.step()
     assert extra not in opt.state
     assert_unchanged(opt, before)
-
-
-def test_complex_parameters_are_refused() -> None:
-    param = nn.Parameter(torch.ones(2, dtype=torch.complex64))
-    opt = portopt.Adam([param])
-    param.grad = torch.ones(2, dtype=torch.complex64)
-    with pytest.raises(StepInputError, match="real floating-point parameters are supported"):
-        opt.step()
-    assert not opt.state

@@ -213,15 +213,38 @@ def test_non_contiguous_input_uses_logical_order() -> None:
     assert torch.equal(absmax, absmax_c)
 
 
-@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
-def test_non_finite_poisons_only_its_block(bad: float) -> None:
+def test_nan_poisons_only_its_block() -> None:
     x = sample(3 * BLOCK_SIZE, "signed", seed=6)
-    x[BLOCK_SIZE + 7] = bad
+    x[BLOCK_SIZE + 7] = math.nan
     _, absmax, y = roundtrip(x, "signed")
     assert math.isnan(absmax[1].item())
     assert bool(torch.isnan(y[BLOCK_SIZE : 2 * BLOCK_SIZE]).all())
     clean = torch.cat([x[:BLOCK_SIZE], x[2 * BLOCK_SIZE :]])
     assert torch.equal(torch.cat([y[:BLOCK_SIZE], y[2 * BLOCK_SIZE :]]), roundtrip(clean, "signed")[2])
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, 1e39, -1e300])
+def test_overflow_saturates_at_the_float32_maximum(name: str, bad: float) -> None:
+    """±inf (an overflowed state) and float64 values beyond float32's range are stored as ±float32 max."""
+    x = sample(3 * BLOCK_SIZE, name, seed=6).double()
+    x[BLOCK_SIZE + 7] = bad
+    _, absmax, y = roundtrip(x, name)
+    assert bool(torch.isfinite(absmax).all())
+    assert bool(torch.isfinite(y).all())
+    fmax = torch.finfo(torch.float32).max
+    expected = math.copysign(fmax, bad) if name == "signed" or bad > 0 else 0.0  # unsigned: negatives are 0
+    assert y[BLOCK_SIZE + 7].item() == expected
+    clean = torch.cat([x[:BLOCK_SIZE], x[2 * BLOCK_SIZE :]])
+    assert torch.equal(torch.cat([y[:BLOCK_SIZE], y[2 * BLOCK_SIZE :]]), roundtrip(clean, name)[2])
+
+
+@pytest.mark.parametrize(("name", "smallest"), [("signed", 1e-6), ("unsigned", 1e-7)])
+def test_a_value_whose_quotient_underflows_is_not_stored_as_zero(name: str, smallest: float) -> None:
+    """Next to a spike, x/A_b underflows float32; the value still reads back as the smallest entry."""
+    x = torch.tensor([3e38, 1e-10, 1e-30, 0.0])
+    y = roundtrip(x, name)[2]
+    assert y.tolist() == pytest.approx([3e38, smallest * 3e38, smallest * 3e38, 0.0], rel=1e-6)
 
 
 def test_other_block_sizes() -> None:

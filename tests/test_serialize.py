@@ -68,7 +68,9 @@ def test_every_algorithm_round_trips(name: str, options: dict[str, OptionValue],
     data = _strict_loads(text)
     assert (data["format"], data["version"]) == (FORMAT, VERSION)
     assert data == spec_to_dict(spec)
-    assert len(data["nodes"]) == len(walk([*(s.init for s in spec.states), *spec.roots]))
+    extra = [s.when for s in spec.states if s.when is not None]
+    extra += [e for m in spec.methods for _, e in m.updates] + [m.due for m in spec.methods if m.due is not None]
+    assert len(data["nodes"]) == len(walk([*(s.init for s in spec.states), *spec.roots, *extra]))
     # The analysis of the loaded spec agrees node by node.
     for node in walk(list(spec.roots)):
         assert loaded.kind(node) == spec.kind(node)
@@ -262,8 +264,14 @@ def _extend(children: st.SearchStrategy[Expr]) -> st.SearchStrategy[Expr]:
         st.builds(lambda cond, x, y: Expr(Op.WHERE, (cond, x, y)), logic, children, children),
         # x·g is element-wise whatever x is, so every reduction is legal.
         st.builds(lambda op, x: Expr(op, (x * G,)), st.sampled_from(_REDUCE), children),
-        st.builds(lambda x, text, latex: x.named(text, latex), children, st.text(max_size=4), st.text(max_size=4)),
+        st.builds(lambda x, text, latex: x.named(text, latex), children, _LABEL_TEXT, _LABEL_LATEX),
     )
+
+
+# Any printable text (portopt.spec.limits refuses control, format and line-separator characters);
+# LaTeX from characters that need no command.
+_LABEL_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")), max_size=4)
+_LABEL_LATEX = st.text(alphabet="abxyz019 _'()+-=<>", max_size=4)
 
 
 EXPRESSIONS = st.recursive(_LEAVES, _extend, max_leaves=16)

@@ -172,9 +172,19 @@ SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, -2.5, 3.0, math.inf, -math.inf, math.nan, 
 HOST_OPS = sorted(HOST_RULES, key=lambda o: o.value)
 
 
+ULPS = {Op.SQRT: 1, Op.RSQRT: 3, Op.EXP: 2, Op.LOG: 2, Op.POW: 2}
+"""How far, in float64 ulps, torch's CPU kernel may be from Python's value: IEEE 754 makes +, −, ·, /,
+negation, comparisons, min/max and x·x correctly rounded everywhere, so those agree bit for bit. Python's
+sqrt is correctly rounded, but torch's kernel need not be (on an AVX-512 Xeon, torch 2.13 gives
+sqrt(0.5) = 0.7071067811865475, one ulp below): 1 ulp. exp, log and pow are within 1 ulp of the exact
+value in both libm and torch's vectorised (SLEEF) code, hence 2 ulps apart; Python's rsqrt is 1/sqrt (two
+roundings) and torch's may round sqrt too: 3. None of these depend on the CPU's vector width."""
+
+
 @pytest.mark.parametrize("op", HOST_OPS, ids=[o.value for o in HOST_OPS])
 def test_host_rules_follow_torch_float64(op: Op) -> None:
-    """Step scalars are Python floats; every rule gives what torch's float64 rule gives (IEEE)."""
+    """Step scalars are Python floats; every rule gives what torch's float64 rule gives (IEEE), to the
+    rounding the op allows (:data:`ULPS`); specials (inf, NaN, the sign of an infinity) exactly."""
     if op in (Op.AND, Op.OR, Op.NOT, Op.WHERE):
         values: list[Any] = [True, False]
     else:
@@ -187,8 +197,12 @@ def test_host_rules_follow_torch_float64(op: Op) -> None:
         tensors = [torch.tensor(a, dtype=torch.bool if isinstance(a, bool) else torch.float64) for a in args]
         theirs = TORCH_RULES[op](*tensors).item()
         assert isinstance(ours, (bool, float)), (op, args, ours)
-        same = (math.isnan(ours) and math.isnan(theirs)) or ours == theirs
-        assert same, (op, args, ours, theirs)
+        if math.isnan(ours) or math.isnan(theirs) or math.isinf(ours) or math.isinf(theirs) or op not in ULPS:
+            same = (math.isnan(ours) and math.isnan(theirs)) or ours == theirs
+            assert same, (op, args, ours, theirs)
+        else:
+            allowed = ULPS[op] * math.ulp(max(abs(ours), abs(theirs)))
+            assert abs(ours - theirs) <= allowed, (op, args, ours, theirs)
 
 
 def _binary(op: Op) -> bool:

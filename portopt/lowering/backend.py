@@ -20,6 +20,7 @@ from torch import Tensor
 from portopt.spec.definition import Spec
 
 if TYPE_CHECKING:
+    from portopt.lowering.graph_step import GraphStep
     from portopt.precision.policy import PrecisionPolicy
 
 ParamState = MutableMapping[str, Tensor]
@@ -81,6 +82,13 @@ class Backend:
     whose ``unsupported_reason(spec)`` is ``None`` and whose ``min_auto_numel()`` the group
     reaches. ``build(spec)`` raises ``ValueError`` with that reason for a spec it does not
     lower.
+
+    Implementations torch.optim lets a user pin: ``build_per_tensor(spec)`` steps one tensor at a
+    time in torch.optim's single-tensor op order (``foreach=False``); ``build_graph(spec)`` returns
+    the :class:`~portopt.lowering.graph_step.GraphStep` the front end runs under ``torch.compile``,
+    for ``capturable=True`` and for ``differentiable=True`` (step scalars as tensors, no host
+    synchronisation). A backend without one is run eagerly in those cases (outside the traced
+    graph) or refused.
     """
 
     name: str
@@ -97,6 +105,23 @@ class Backend:
     min_auto_numel: Callable[[], int] = lambda: 0
     """``backend="auto"`` takes it only for a group with at least this many elements on one device:
     its one-off cost (compiling) pays for itself only over enough bytes."""
+    label: str = ""
+    """Said with the name wherever results are reported, when the name alone would mislead (an
+    emulation of a vendor's ops says that it is one, not the hardware)."""
+    torch_flag: str = ""
+    """The torch.optim flag that asks for this kind of implementation: ``"fused"`` (one pass over each
+    tensor: a vendor kernel or a compiled one; ``fused=True``), ``"foreach"`` (multi-tensor ops;
+    ``foreach=True``), or ``""``."""
+    build_per_tensor: Callable[[Spec], StepFunction] | None = None
+    build_graph: Callable[[Spec], GraphStep] | None = None
+
+
+def with_inputs(spec: Spec, hypers: Hypers) -> Hypers:
+    """``hypers`` with the default of every declared input the step was not given (inputs travel with the
+    hyperparameter values: a step function reads both from one mapping)."""
+    if not spec.inputs or all(name in hypers for name in spec.input_names):
+        return hypers
+    return {**spec.input_defaults(), **hypers}
 
 
 def step_counter_dtype() -> torch.dtype:

@@ -20,7 +20,7 @@ class AdaBelief(NamedOptimizer):
     Arguments in torch.optim's style: ``lr`` (float or 1-element tensor), ``betas``,
     ``eps`` (default 1e-16, added to the state and outside the root, as in the paper),
     ``weight_decay``, ``decoupled_weight_decay`` (default True: ``p ← p·(1 − lr·λ)``;
-    False: coupled L2), ``maximize``. States: ``exp_avg``, ``exp_avg_var``.
+    False: coupled L2), ``maximize``, ``differentiable`` (autograd through the step, as torch.optim's). States: ``exp_avg``, ``exp_avg_var``.
     """
 
     algorithm = "adabelief"
@@ -37,6 +37,7 @@ class AdaBelief(NamedOptimizer):
         decoupled_weight_decay: bool = True,
         *,
         maximize: bool = False,
+        differentiable: bool = False,
         backend: str = "auto",
         precision: PrecisionPolicy | str | None = None,
         skip_nonfinite: bool = False,
@@ -50,6 +51,8 @@ class AdaBelief(NamedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
         }
+        if differentiable:
+            defaults["differentiable"] = True
         self._setup(params, defaults, backend, precision, skip_nonfinite)
 
     @classmethod

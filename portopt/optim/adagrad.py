@@ -15,8 +15,10 @@ class Adagrad(NamedOptimizer):
 
     Arguments as :class:`torch.optim.Adagrad`: ``lr`` (float or 1-element tensor),
     ``lr_decay``, ``weight_decay`` (coupled L2), ``initial_accumulator_value``, ``eps``,
-    ``maximize``; ``foreach``/``fused`` are recorded for checkpoint compatibility,
-    ``differentiable`` must be False. As torch does, the states (``sum`` and ``step`` = 0)
+    ``maximize``, and torch's ``foreach``/``fused``/``differentiable``, which choose the
+    implementation as in torch (:mod:`portopt.optim.torch_flags`). A sparse gradient updates
+    only the entries it holds, as in torch (:mod:`portopt.optim.sparse`). As torch does, the
+    states (``sum`` and ``step`` = 0)
     are created when parameters are added, so checkpoints hold every parameter's state;
     unlike torch, this includes parameters added later with ``add_param_group``.
     """
@@ -24,6 +26,7 @@ class Adagrad(NamedOptimizer):
     algorithm = "adagrad"
     check_order = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
     eager_state = True
+    sparse_gradients = "rows"
 
     def __init__(
         self,

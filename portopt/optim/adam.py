@@ -21,14 +21,15 @@ class Adam(NamedOptimizer):
 
     Arguments as :class:`torch.optim.Adam`: ``lr`` (float or 1-element tensor), ``betas``,
     ``eps``, ``weight_decay`` (coupled L2, or decoupled with ``decoupled_weight_decay=True``),
-    ``amsgrad``, ``maximize``; ``foreach``/``fused``/``capturable`` are recorded for
-    checkpoint compatibility (kernels are chosen by ``backend=``; steps are not
-    CUDA-graph capturable), ``differentiable`` must be False.
+    ``amsgrad``, ``maximize``, and torch's ``foreach``/``fused``/``capturable``/``differentiable``,
+    which choose the implementation as in torch (:mod:`portopt.optim.torch_flags`). Sparse
+    gradients are refused as torch refuses them (use :class:`portopt.SparseAdam`).
     """
 
     algorithm = "adam"
     option_defaults: ClassVar[dict[str, Any]] = {"maximize": False, "amsgrad": False, "decoupled_weight_decay": False}
     check_order = ("lr", "eps", "beta1", "beta2", "weight_decay")
+    sparse_hint = ", please consider SparseAdam instead"
 
     def __init__(
         self,
@@ -63,8 +64,14 @@ class Adam(NamedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        self._setup(params, {**defaults, **self.forced_options}, backend, precision, skip_nonfinite)
-        check_betas(betas, foreach=foreach, capturable=capturable)
+        self._setup(
+            params,
+            {**defaults, **self.forced_options},
+            backend,
+            precision,
+            skip_nonfinite,
+            before_groups=lambda: check_betas(betas, foreach=foreach, capturable=capturable),
+        )
         check_flags(foreach=foreach, differentiable=differentiable, fused=fused)
 
     @classmethod

@@ -14,8 +14,8 @@ class Adamax(NamedOptimizer):
     """Adamax (Adam with the infinity norm), as torch.optim.Adamax.
 
     Arguments as :class:`torch.optim.Adamax`: ``lr`` (float or 1-element tensor), ``betas``,
-    ``eps``, ``weight_decay`` (coupled L2), ``maximize``; ``foreach``/``capturable`` are
-    recorded for checkpoint compatibility, ``differentiable`` must be False.
+    ``eps``, ``weight_decay`` (coupled L2), ``maximize``; torch's ``foreach``, ``capturable``
+    and ``differentiable`` choose the implementation as in torch (:mod:`portopt.optim.torch_flags`).
     """
 
     algorithm = "adamax"

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -146,6 +146,8 @@ class GroupStep:
     runs: list[tuple[Callable[..., None], list[int]]]
     policy_step: bool
     skip_nonfinite: bool
+    after: list[Callable[[], None]] = field(default_factory=list)
+    """What to do once the group is stepped: write gathered sparse rows back, complex states."""
 
     def run_plain(self) -> None:
         """The step as torch.optim would take it: parameters and gradients as they are."""

@@ -26,8 +26,14 @@ def spec_defaults(spec: Spec) -> dict[str, Any]:
         if members[0].group_index is None:
             defaults[key] = members[0].default
         else:
-            defaults[key] = tuple(h.default for h in sorted(members, key=_index))
+            defaults[key] = indexed_tuple({_index(h): h.default for h in members})
     return defaults
+
+
+def indexed_tuple(entries: Mapping[int, Any]) -> tuple[Any, ...]:
+    """``{1: 1e-3}`` -> ``(None, 1e-3)``: a tuple entry no hyperparameter reads stays ``None`` (torch's
+    Adafactor's ``eps=(None, 1e-3)``, whose ``None`` means the dtype's machine epsilon)."""
+    return tuple(entries.get(i) for i in range(max(entries, default=-1) + 1))
 
 
 def fold_names(spec: Spec, values: MutableMapping[str, Any], base: Mapping[str, Any]) -> None:
@@ -38,6 +44,12 @@ def fold_names(spec: Spec, values: MutableMapping[str, Any], base: Mapping[str, 
     for key, members in _keys(spec).items():
         if members[0].group_index is None or not any(h.name in values for h in members):
             continue
+        if key in values:
+            given = ", ".join(f"{h.name}={values[h.name]!r}" for h in members if h.name in values)
+            raise TypeError(
+                f"{spec.name}: {given} given next to {key}={values[key]!r}; give each value once, by name or "
+                f"inside {key}="
+            )
         current = list(values.get(key, base[key]))
         for h in members:
             if h.name in values:
@@ -82,11 +94,31 @@ def group_hypers(spec: Spec, group: Mapping[str, Any]) -> dict[str, float | Tens
 
 
 def check_group_values(spec: Spec, group: Mapping[str, Any], order: Iterable[str] = ()) -> None:
-    """Check every hyperparameter value of ``group``; names in ``order`` first (torch's order)."""
+    """Check every hyperparameter value of ``group``; names in ``order`` first (torch's order); then that
+    each tuple key holds exactly its entries (``betas`` is a pair: a third entry would be ignored)."""
     first = [spec.hyperparameter(n) for n in order if n in spec.hyper_names]
     rest = [h for h in spec.hyperparameters if h not in first]
     for h in (*first, *rest):
         check_hyperparameter_value(spec, h, read_hyperparameter(group, h, spec.name))
+    check_group_tuples(spec, group)
+
+
+def check_group_tuples(spec: Spec, group: Mapping[str, Any]) -> None:
+    """Each tuple key of ``group`` holds exactly its entries (``betas`` is a pair: a third would be ignored).
+
+    The width is the highest ``group_index`` plus one: a spec variant may leave an entry out (Adafactor's
+    ``eps=(None, eps2)`` reads ``eps1`` from the dtype) while the tuple keeps its place.
+    """
+    for key, members in _keys(spec).items():
+        if members[0].group_index is None:
+            continue
+        width = 1 + max(_index(h) for h in members)
+        if len(group[key]) != width:
+            names = ", ".join(h.name for h in sorted(members, key=_index))
+            raise HyperparameterError(
+                f"Invalid {key}: {group[key]!r} ({spec.name}: {key} must hold exactly {width} values "
+                f"({names}), got {len(group[key])})"
+            )
 
 
 def _keys(spec: Spec) -> dict[str, list[Hyperparameter]]:

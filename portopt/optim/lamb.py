@@ -19,7 +19,7 @@ class LAMB(NamedOptimizer):
 
     Arguments in torch.optim's style: ``lr`` (float or 1-element tensor), ``betas``,
     ``eps`` (default 1e-6), ``weight_decay`` (decoupled, inside the trust ratio),
-    ``bias_correction`` (default True), ``maximize``. States: ``exp_avg``, ``exp_avg_sq``.
+    ``bias_correction`` (default True), ``maximize``, ``differentiable`` (autograd through the step, as torch.optim's). States: ``exp_avg``, ``exp_avg_sq``.
     """
 
     algorithm = "lamb"
@@ -36,6 +36,7 @@ class LAMB(NamedOptimizer):
         bias_correction: bool = True,
         *,
         maximize: bool = False,
+        differentiable: bool = False,
         backend: str = "auto",
         precision: PrecisionPolicy | str | None = None,
         skip_nonfinite: bool = False,
@@ -49,6 +50,8 @@ class LAMB(NamedOptimizer):
             "bias_correction": bias_correction,
             "maximize": maximize,
         }
+        if differentiable:
+            defaults["differentiable"] = True
         self._setup(params, defaults, backend, precision, skip_nonfinite)
 
     @classmethod

@@ -15,7 +15,7 @@ class Lion(NamedOptimizer):
 
     Arguments in torch.optim's style: ``lr`` (default 1e-4, typically 3-10x below AdamW's),
     ``betas`` (default (0.9, 0.99): interpolation and momentum), ``weight_decay``
-    (decoupled), ``maximize``. State: ``exp_avg``.
+    (decoupled), ``maximize``, ``differentiable`` (autograd through the step, as torch.optim's). State: ``exp_avg``.
     """
 
     algorithm = "lion"
@@ -29,10 +29,13 @@ class Lion(NamedOptimizer):
         weight_decay: float = 0,
         *,
         maximize: bool = False,
+        differentiable: bool = False,
         backend: str = "auto",
         precision: PrecisionPolicy | str | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize}
+        if differentiable:
+            defaults["differentiable"] = True
         self._setup(params, defaults, backend, precision, skip_nonfinite)

@@ -19,14 +19,16 @@ class NAdam(NamedOptimizer):
 
     Arguments as :class:`torch.optim.NAdam`: ``lr`` (float or 1-element tensor), ``betas``,
     ``eps``, ``weight_decay`` (coupled L2, or decoupled with ``decoupled_weight_decay=True``),
-    ``momentum_decay``, ``maximize``; ``foreach``/``capturable`` are recorded for checkpoint
-    compatibility, ``differentiable`` must be False. ``mu_product`` is a per-tensor state,
+    ``momentum_decay``, ``maximize``, and torch's ``foreach``/``capturable``/``differentiable``,
+    which choose the implementation as in torch (:mod:`portopt.optim.torch_flags`).
+    ``mu_product`` is a per-tensor state,
     kept in at least float32 on the parameter's device.
     """
 
     algorithm = "nadam"
     option_defaults: ClassVar[dict[str, Any]] = {"maximize": False, "decoupled_weight_decay": False}
     check_order = ("lr", "eps", "beta1", "beta2", "weight_decay", "momentum_decay")
+    capturable_tensors = "params, mu_products and state_steps"
 
     def __init__(
         self,

@@ -23,6 +23,12 @@ group, like any hyperparameter) chooses master weights and the storage of each s
 behaviour). ``torch.amp.GradScaler`` unscales inside the step (also for float16
 gradients) and an overflowing step is skipped whole; ``skip_nonfinite=True`` skips a step
 with an inf/NaN gradient without a GradScaler (``last_step_skipped`` tells).
+
+torch.optim's flags (:mod:`portopt.optim.torch_flags`): ``foreach``, ``fused``, ``capturable``
+and ``differentiable`` choose the implementation as in torch; complex parameters are stepped as
+``torch.view_as_real`` (:mod:`portopt.optim.complex_params`); sparse gradients are taken where the
+class says how (:attr:`Optimizer.sparse_gradients`, :mod:`portopt.optim.sparse`). Under
+``torch.compile`` the step is traced into the caller's graph (:mod:`portopt.optim.graph`).
 """
 
 from __future__ import annotations
@@ -38,14 +44,30 @@ from portopt import backends
 from portopt.algorithms import get_spec
 from portopt.lowering.backend import Backend, ParamState, step_counter_dtype
 from portopt.lowering.checks import check_step_inputs
-from portopt.optim import amp
+from portopt.lowering.graph_step import GraphStep
+from portopt.optim import amp, complex_params, graph, sparse
 from portopt.optim import state_dict as checkpoint
-from portopt.optim.groups import check_group_values, check_known, fold_names, group_hypers, spec_defaults
-from portopt.precision.policy import PrecisionPolicy
+from portopt.optim.groups import (
+    check_group_tuples,
+    check_group_values,
+    check_known,
+    fold_names,
+    group_hypers,
+    spec_defaults,
+)
+from portopt.optim.initial_state import eager_state
+from portopt.optim.torch_flags import (
+    Mode,
+    check_backend_serves,
+    check_capturable,
+    check_flags,
+    check_fused_param,
+    group_mode,
+    serves,
+)
+from portopt.precision.policy import PolicyError, PrecisionPolicy
 from portopt.precision.scaling import LossScaling
 from portopt.spec.definition import Spec
-from portopt.spec.ops import Op
-from portopt.spec.symbols import Layout
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -61,6 +83,10 @@ class Optimizer(torch.optim.Optimizer):
         maximize: ascend the objective instead of descending it.
         precision: a precision policy (module doc); ``None``: torch.optim's behaviour.
         skip_nonfinite: skip a step (change nothing) when a gradient is inf or NaN.
+        differentiable: let autograd run through the step, as torch.optim's ``differentiable=True``.
+        foreach, fused: torch.optim's implementation flags (:mod:`portopt.optim.torch_flags`):
+            ``fused=True`` runs torch's fused kernel or the spec's compiled one-pass kernel,
+            ``foreach=False`` a per-tensor loop.
         **hyperparameters: values by torch-style key (``betas=(0.9, 0.99)``) or by name
             (``beta1=0.9``); the rest take the spec's defaults.
     """
@@ -79,6 +105,16 @@ class Optimizer(torch.optim.Optimizer):
     """GradScaler hands ``grad_scale``/``found_inf`` to the step instead of unscaling (:mod:`portopt.optim.amp`)."""
     last_step_skipped: bool = False
     """Whether the last call of :meth:`step` was skipped (GradScaler's ``found_inf``, or ``skip_nonfinite``)."""
+    sparse_gradients: ClassVar[str | None] = None
+    """How a sparse gradient is taken (:mod:`portopt.optim.sparse`): ``None`` refuses it with torch's
+    ``RuntimeError``; ``"dense"`` steps the densified gradient (torch.optim.SGD's result); ``"rows"``
+    updates only the entries the gradient holds (torch.optim.Adagrad, SparseAdam)."""
+    sparse_hint: ClassVar[str] = ""
+    """What torch's refusal of a sparse gradient adds (Adam: ``", please consider SparseAdam instead"``)."""
+    dense_gradients: ClassVar[bool] = True
+    """False where torch.optim refuses dense gradients (SparseAdam)."""
+    capturable_tensors: ClassVar[str] = "params and state_steps"
+    """What torch's ``capturable=True`` device error names (NAdam: ``"params, mu_products and state_steps"``)."""
 
     def __init__(
         self,
@@ -89,6 +125,9 @@ class Optimizer(torch.optim.Optimizer):
         maximize: bool = False,
         precision: PrecisionPolicy | str | None = None,
         skip_nonfinite: bool = False,
+        differentiable: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
         **hyperparameters: Any,
     ) -> None:
         base = get_spec(spec) if isinstance(spec, str) else spec
@@ -99,7 +138,10 @@ class Optimizer(torch.optim.Optimizer):
         fold_names(base, hyperparameters, defaults)
         defaults.update(hyperparameters)
         defaults["maximize"] = maximize
+        flags = {"differentiable": differentiable or None, "foreach": foreach, "fused": fused}
+        defaults.update({k: v for k, v in flags.items() if v is not None})  # a plain group stays torch's
         self._fixed_spec = base
+        check_flags(foreach=foreach, differentiable=differentiable, fused=fused)
         self._setup(params, defaults, backend, precision, skip_nonfinite)
 
     # configuration -------------------------------------------------------------------
@@ -110,11 +152,14 @@ class Optimizer(torch.optim.Optimizer):
         backend: str,
         precision: PrecisionPolicy | str | None = None,
         skip_nonfinite: bool = False,
+        before_groups: Callable[[], None] | None = None,
     ) -> None:
         """Check ``defaults`` as torch does (before building groups), then build the groups.
 
         ``precision`` and ``skip_nonfinite`` enter the defaults only when they are not the
         defaults, so that a plain optimizer's param groups are torch.optim's.
+        ``before_groups`` runs after the value checks and before the groups are built (where
+        torch.optim.Adam checks the types of its betas).
         """
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a backend name or 'auto', got {backend!r}")
@@ -126,13 +171,19 @@ class Optimizer(torch.optim.Optimizer):
         if skip_nonfinite is not False:
             defaults["skip_nonfinite"] = skip_nonfinite
         self.check_group(defaults)
+        self._check_backend_flags(defaults)
+        if before_groups is not None:
+            before_groups()
         super().__init__(params, defaults)
 
     def _reset_caches(self) -> None:
         self._backends: dict[tuple[Any, ...], Backend] = {}
-        self._step_functions: dict[tuple[str, Spec, PrecisionPolicy | None], Callable[..., None]] = {}
+        self._step_functions: dict[tuple[str, Spec, PrecisionPolicy | None, Mode], Callable[..., None]] = {}
         self._policies: dict[int, PrecisionPolicy] = {}
         self._auto_thresholds: set[int] | None = None
+        self._graph_runs: dict[int, graph.GraphRun] = {}
+        self._graph_steps: dict[tuple[Any, ...], GraphStep] = {}
+        self._fused_types: list[str] | None = None
 
     def base_spec(self, group: Mapping[str, Any]) -> Spec:
         """The spec of a param group before ``maximize`` (named classes choose it by options)."""
@@ -148,10 +199,21 @@ class Optimizer(torch.optim.Optimizer):
         spec = self.base_spec(group)
         check_group_values(spec, group, self.check_order)
         amp.check_group_precision(spec, group)
+        mode = group_mode(group)
+        if mode.graph and amp.resolve(group.get("precision")) is not amp.DEFAULT:
+            raise PolicyError(
+                f"{mode.value}=True steps parameters and states as they are stored: it takes no precision policy "
+                f"(got precision={group.get('precision')!r}); use precision=None"
+            )
         if self.backend != "auto":  # a named backend must lower the group's spec (devices are checked per step)
             reason = backends.named_backend(self.backend).unsupported_reason(self.group_spec(group))
             if reason is not None:
                 raise ValueError(f"backend {self.backend!r} cannot run this param group: {reason}")
+
+    def _check_backend_flags(self, group: Mapping[str, Any]) -> None:
+        """A named backend must provide what the group's torch flags ask for (``ValueError``)."""
+        if self.backend != "auto":
+            check_backend_serves(backends.named_backend(self.backend), group_mode(group))
 
     # param groups --------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -161,6 +223,7 @@ class Optimizer(torch.optim.Optimizer):
         if "precision" in param_group:
             param_group["precision"] = amp.group_value(param_group["precision"])
         self.check_group({**self.defaults, **param_group})
+        self._check_backend_flags({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -177,28 +240,48 @@ class Optimizer(torch.optim.Optimizer):
 
     # the step ------------------------------------------------------------------------
     @overload
-    def step(self, closure: None = None) -> None: ...
+    def step(self, closure: None = None, **inputs: float | Tensor) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
+    def step(self, closure: Callable[[], float], **inputs: float | Tensor) -> float: ...
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimization step over every param group (all groups checked before any is written)."""
+    def step(self, closure: Callable[[], float] | None = None, **inputs: float | Tensor) -> float | None:
+        """One optimization step over every param group (all groups checked before any is written).
+
+        ``inputs`` are the values of the spec's declared extra inputs for this step (SophiaG's
+        ``bs=``); an input not given takes its declared default. Autograd is off during the step,
+        as in torch.optim, unless ``differentiable=True``; under ``torch.compile`` the step is
+        traced into the caller's graph (:mod:`portopt.optim.graph`), a step given inputs runs eagerly.
+        """
+        self._check_inputs(inputs)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work: list[amp.GroupStep] = []
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            if torch.compiler.is_compiling():
+                graph.traced_step(self, inputs)
+            else:
+                self._eager_step(inputs=inputs)
+        return loss
+
+    def _eager_step(self, only: int | None = None, inputs: Mapping[str, Any] | None = None) -> None:
+        """The step of every group (or of group ``only``: under torch.compile, a group the traced step
+        cannot take), all checked before any is written."""
+        work: list[tuple[int, amp.GroupStep]] = []
         offset = 0
         for index, group in enumerate(self.param_groups):
-            work.append(self._prepare(group, index, offset))
+            if only is None or index == only:
+                work.append((index, self._prepare(group, index, offset, inputs)))
             offset += len(group["params"])
         scaling = LossScaling.of(self)
-        self.last_step_skipped = amp.should_skip(work, scaling)
-        if self.last_step_skipped:
-            return loss
-        for index, (group, item) in enumerate(zip(self.param_groups, work, strict=True)):
+        skipped = amp.should_skip([item for _, item in work], scaling)
+        if only is None or skipped:
+            self.last_step_skipped = skipped
+        if skipped:
+            return
+        for index, item in work:
+            group = self.param_groups[index]
             if self._policies.get(index) is not item.policy:  # first step, or the group's policy changed
                 amp.drop_stale_masters(item.policy, [self.state.get(p) for p in group["params"]], group["params"])
                 self._policies[index] = item.policy
@@ -206,19 +289,50 @@ class Optimizer(torch.optim.Optimizer):
                 item.run_plain()
             else:
                 amp.run_group(item, scaling)
+            for finish in item.after:
+                finish()
             for param, state in item.fresh:
                 self.state[param] = state
-        return loss
 
-    def _prepare(self, group: Mapping[str, Any], index: int, offset: int) -> amp.GroupStep:
+    @torch._dynamo.disable
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        steps: list[Tensor],
+        states: list[Tensor],
+    ) -> int:
+        """Under torch.compile: prepare one group's traced step (dynamo runs this method eagerly, as it
+        does torch.optim's ``_init_group``; disabled so that it is never traced as a frame of its own
+        either); see :func:`portopt.optim.graph.init_group`."""
+        return graph.init_group(self, group, params, grads, steps, states)
+
+    def _check_inputs(self, inputs: Mapping[str, object]) -> None:
+        if not inputs:
+            return
+        declared = {name for group in self.param_groups for name in self.group_spec(group).input_names}
+        unknown = sorted(set(inputs) - declared)
+        if unknown:
+            raise TypeError(
+                f"step() got unexpected input(s) {', '.join(map(repr, unknown))}; this optimizer's inputs: "
+                f"{', '.join(sorted(declared)) or 'none'}"
+            )
+
+    def _prepare(
+        self, group: Mapping[str, Any], index: int, offset: int, inputs: Mapping[str, Any] | None = None
+    ) -> amp.GroupStep:
         """Check one group and choose its step functions; nothing is written."""
         spec = self.group_spec(group)
-        hypers = group_hypers(spec, group)
+        hypers: dict[str, Any] = group_hypers(spec, group)
+        hypers.update({k: v for k, v in (inputs or {}).items() if k in spec.input_names})
         policy = amp.resolve(group.get("precision"))
+        mode = self._mode(group)
         params: list[Tensor] = []
         grads: list[Tensor] = []
         states: list[ParamState] = []
         fresh: list[tuple[Tensor, ParamState]] = []
+        after: list[Callable[[], None]] = []
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -226,38 +340,79 @@ class Optimizer(torch.optim.Optimizer):
             if state is None:  # registered only once the step succeeded
                 state = {}
                 fresh.append((param, state))
+            elif "step" not in state and not self.torch_keeps_step:
+                state = _with_step_counter(state, after)
             params.append(param)
             grads.append(param.grad)
             states.append(state)
         plain = policy is amp.DEFAULT
-        check_step_inputs(spec, params, grads, states, hypers, allow_quantized=not plain)
+        check_group_tuples(spec, group)
+        if mode is Mode.FUSED:
+            served = self._fused_device_types()
+            for param in params:
+                check_fused_param(param, served)
+        if mode is Mode.CAPTURABLE:
+            check_capturable(params, self.capturable_tensors)
         numbers: list[int] = []  # optimizer-wide parameter numbers: the noise keys of stochastic rounding
         if not plain:
             amp.check_params(policy, params, f"param group {index}")
             numbers = [offset + i for i, p in enumerate(group["params"]) if p.grad is not None]
+        if any(g.layout != torch.strided for g in grads) or not self.dense_gradients:
+            where = sparse.Where(
+                type(self).__name__, self.sparse_gradients, self.sparse_hint, self.dense_gradients, index
+            )
+            params, grads, states, scatter = sparse.take(
+                where, spec, group, hypers, params, grads, states, mode, policy
+            )
+            after.extend(scatter)
+        elif any(p.is_complex() for p in params):
+            complex_params.check(spec, policy, index)
+            params, grads, states, restore = complex_params.real_views(params, grads, states)
+            after.append(restore)
+        check_step_inputs(spec, params, grads, states, hypers, allow_quantized=not plain)
         policy_step = amp.needs_policy_backend(policy, spec, params, states)
         runs = [
-            (self._step_function(spec, device, policy if policy_step else None, numel), indices)
+            (self._step_function(spec, device, policy if policy_step else None, numel, mode), indices)
             for indices, device, numel in _by_device(params)
         ]
         skip = bool(group.get("skip_nonfinite", False))
-        return amp.GroupStep(spec, policy, params, grads, states, hypers, fresh, numbers, runs, policy_step, skip)
+        return amp.GroupStep(
+            spec, policy, params, grads, states, hypers, fresh, numbers, runs, policy_step, skip, after
+        )
+
+    def _mode(self, group: Mapping[str, Any]) -> Mode:
+        """The group's mode (:func:`~portopt.optim.torch_flags.group_mode`); a named backend that does not
+        provide it (flags loaded from another optimizer's checkpoint) runs as itself."""
+        mode = group_mode(group)
+        if self.backend != "auto" and not serves(backends.named_backend(self.backend), mode):
+            return Mode.DEFAULT
+        return mode
+
+    def _fused_device_types(self) -> list[str]:
+        """The device types a fused implementation of this optimizer's backend choice runs on here (read once)."""
+        if self._fused_types is None:
+            if self.backend != "auto":
+                self._fused_types = list(backends.named_backend(self.backend).device_types)
+            else:
+                usable = backends.usable_backends()
+                self._fused_types = sorted({t for b in usable if b.torch_flag == "fused" for t in b.device_types})
+        return self._fused_types
 
     def _step_function(
-        self, spec: Spec, device: torch.device, policy: PrecisionPolicy | None = None, numel: int = 0
+        self,
+        spec: Spec,
+        device: torch.device,
+        policy: PrecisionPolicy | None = None,
+        numel: int = 0,
+        mode: Mode = Mode.DEFAULT,
     ) -> Callable[..., None]:
-        """The step function for ``spec`` on ``device`` for a group of ``numel`` elements there; with a
-        ``policy``, one that stores states as it says."""
-        backend = self._backend_for(spec, device, numel, policy)
-        key = (backend.name, spec, policy)
+        """The step function for ``spec`` on ``device`` for a group of ``numel`` elements there in ``mode``;
+        with a ``policy``, one that stores states as it says."""
+        backend = self._backend_for(spec, device, numel, policy, mode)
+        key = (backend.name, spec, policy, mode)
         step = self._step_functions.get(key)
         if step is None:
-            if policy is None:
-                step = backend.build(spec)
-            else:
-                assert backend.build_with_policy is not None
-                step = backend.build_with_policy(spec, policy)
-            self._step_functions[key] = step
+            step = self._step_functions[key] = _build(backend, spec, policy, mode)
         return step
 
     def chosen_backends(self) -> list[dict[str, str]]:
@@ -267,49 +422,118 @@ class Optimizer(torch.optim.Optimizer):
         spec, device and number of elements (a torch fused kernel proven equivalent to the
         spec, else the compiled kernel for groups large enough to repay compiling, else the
         generic torch backend); a precision policy storing states other than torch does moves
-        to a backend that can.
+        to a backend that can. A group whose torch flags ask for an implementation says it:
+        ``"torch (per tensor)"`` for ``foreach=False``, ``"torch (differentiable)"``, ...
         """
         chosen = []
         for group in self.param_groups:
             spec = self.group_spec(group)
             policy = amp.resolve(group.get("precision"))
+            mode = self._mode(group)
             params = list(group["params"])
             needs_policy = amp.needs_policy_backend(policy, spec, params, [self.state.get(p, {}) for p in params])
+            suffix = "" if mode in (Mode.DEFAULT, Mode.FUSED, Mode.FOREACH) else f" ({mode.value})"
             chosen.append(
                 {
-                    str(device): self._backend_for(spec, device, numel, policy if needs_policy else None).name
+                    str(device): self._backend_for(spec, device, numel, policy if needs_policy else None, mode).name
+                    + suffix
                     for _, device, numel in _by_device(params)
                 }
             )
         return chosen
 
     def _backend_for(
-        self, spec: Spec, device: torch.device, numel: int, policy: PrecisionPolicy | None = None
+        self,
+        spec: Spec,
+        device: torch.device,
+        numel: int,
+        policy: PrecisionPolicy | None = None,
+        mode: Mode = Mode.DEFAULT,
     ) -> Backend:
-        """The backend chosen (``self.backend``, or ``"auto"``'s choice for this spec and group size);
-        with a ``policy``, one that can store states as it says."""
-        backend = self._selected(spec, device, numel)
+        """The backend chosen (``self.backend``, or ``"auto"``'s choice for this spec, group size and
+        mode); with a ``policy``, one that can store states as it says."""
+        backend = self._selected(spec, device, numel, mode)
         if policy is None or backend.build_with_policy is not None:
             return backend
         fallback = self._backends.get((device.type, "+policy"))
         if fallback is None:
-            fallback = amp.policy_backend(device, backend, self.backend != "auto", policy)
+            named = self.backend != "auto" or mode is not Mode.DEFAULT
+            fallback = amp.policy_backend(device, backend, named, policy)
             self._backends[(device.type, "+policy")] = fallback
         return fallback
 
-    def _selected(self, spec: Spec, device: torch.device, numel: int) -> Backend:
-        """The backend named, or ``"auto"``'s choice for this spec and group size."""
+    def _selected(self, spec: Spec, device: torch.device, numel: int, mode: Mode = Mode.DEFAULT) -> Backend:
+        """The backend named, or ``"auto"``'s choice for this spec, group size and mode."""
         # "auto" depends on the group size only through the backends' thresholds: key on the largest reached.
         reached = 0
-        if self.backend == "auto":
+        if self.backend == "auto" and mode in (Mode.DEFAULT, Mode.CAPTURABLE, Mode.DIFFERENTIABLE):
             if self._auto_thresholds is None:  # read once per optimizer, not on every step
                 self._auto_thresholds = backends.auto_thresholds()
             reached = max((n for n in self._auto_thresholds if n <= numel), default=0)
-        key = (device.type, spec, reached)
+        key = (device.type, spec, reached, mode)
         backend = self._backends.get(key)
         if backend is None:
-            backend = self._backends[key] = backends.select_backend(device, self.backend, spec, numel)
+            backend = self._backends[key] = self._select(spec, device, reached, mode)
         return backend
+
+    def _select(self, spec: Spec, device: torch.device, numel: int, mode: Mode) -> Backend:
+        if self.backend != "auto":
+            return backends.select_backend(device, self.backend, spec, numel)
+        if mode is Mode.DEFAULT:
+            return backends.select_backend(device, "auto", spec, numel)
+        try:
+            # An explicit fused=True compiles whatever the group size; the other modes follow auto's sizes.
+            size = None if mode is Mode.FUSED else numel
+            return backends.select_backend(device, "auto", spec, size, accept=lambda b: serves(b, mode))
+        except ValueError as exc:
+            if mode is Mode.FUSED:  # torch raises RuntimeError where no fused implementation runs
+                raise RuntimeError(f"fused=True: no fused implementation of {spec.title} runs here: {exc}") from None
+            raise
+
+    # methods (SophiaG's update_hessian) ---------------------------------------------------
+    @torch.no_grad()
+    def run_method(self, name: str) -> None:
+        """Run the spec's method ``name`` on every parameter with a gradient (states it updates change; the
+        parameters and step counters do not). Every group is checked before any is written."""
+        runs = []
+        for index, group in enumerate(self.param_groups):
+            spec = self.group_spec(group)
+            method = spec.method_spec(name)
+            if amp.resolve(group.get("precision")) is not amp.DEFAULT:
+                raise ValueError(
+                    f"{spec.name}.{name}(): param group {index} has a precision policy; methods run "
+                    "only on groups without one"
+                )
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self.state.get(p, {}) for p in params]
+            hypers = group_hypers(method, group)
+            check_step_inputs(method, params, [p.grad for p in params], states, hypers)
+            for indices, device, numel in _by_device(params):
+                runs.append((self._step_function(method, device, None, numel), params, indices, states, hypers))
+        for step, params, indices, states, hypers in runs:
+            chosen = [params[i] for i in indices]
+            chosen_states = [states[i] for i in indices]
+            steps = [s["step"].clone() if s else None for s in chosen_states]
+            step(chosen, [p.grad for p in chosen], chosen_states, hypers)
+            for param, state, before in zip(chosen, chosen_states, steps, strict=True):
+                state["step"].copy_(before if before is not None else torch.zeros_like(state["step"]))
+                self.state[param] = state
+
+    def method_due(self, name: str) -> bool:
+        """Whether the method's cadence (``due=``, e.g. every k-th step) asks for it now, after the steps taken
+        so far (the most any parameter has taken)."""
+        from portopt.lowering.host import evaluate_host
+        from portopt.spec.expr import walk
+
+        group = self.param_groups[0]
+        spec = self.group_spec(group)
+        due = spec.method(name).due
+        if due is None:
+            return True
+        taken = max((float(s["step"]) for s in self.state.values() if "step" in s), default=0.0)
+        values: dict[Any, Any] = {}
+        evaluate_host(walk([due]), taken, {k: float(v) for k, v in group_hypers(spec, group).items()}, values)
+        return bool(values[due])
 
     # checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -339,8 +563,10 @@ class Optimizer(torch.optim.Optimizer):
         self._reset_caches()
 
     def __getstate__(self) -> dict[str, Any]:
+        """torch.optim's state (defaults, state, param groups), portopt's settings and every public
+        attribute (``last_step_skipped``, ...); hooks and caches are not kept, as in torch.optim."""
         state = super().__getstate__()
-        state["backend"] = self.backend
+        state.update({k: v for k, v in vars(self).items() if not k.startswith("_")})
         if hasattr(self, "_fixed_spec"):
             state["_fixed_spec"] = self._fixed_spec
         return state
@@ -364,28 +590,28 @@ def _by_device(params: list[Tensor]) -> list[tuple[list[int], torch.device, int]
     return [(indices, device, sum(params[i].numel() for i in indices)) for device, indices in groups.items()]
 
 
-def eager_state(spec: Spec, group: Mapping[str, Any], param: Tensor) -> dict[str, Tensor]:
-    """States before any step, as torch.optim.Adagrad creates them (``step`` = 0), stored as the
-    group's precision policy says.
+def _with_step_counter(state: ParamState, after: list[Callable[[], None]]) -> ParamState:
+    """A state torch.optim.SGD made (it keeps no ``step``: a user's or a hook's ``state["momentum_buffer"]``)
+    seen with ``step`` = 1, as :func:`~portopt.optim.state_dict.load` takes it; kept once the step succeeded."""
+    counted: ParamState = {**state, "step": torch.tensor(1.0, dtype=step_counter_dtype())}
 
-    Only for specs whose initial states are constants or hyperparameters.
-    """
-    hypers = group_hypers(spec, group)
-    values: dict[str, float] = {}
-    for decl in spec.states:
-        init = decl.init
-        if init.op is Op.CONST:
-            values[decl.name] = float(init.value or 0.0)
-        elif init.op is Op.HYPER:
-            values[decl.name] = float(hypers[str(init.value)])
-        else:
-            raise ValueError(f"{spec.name}: state {decl.name!r} starts from p or g and cannot be created before a step")
-        if decl.layout is not Layout.ELEMENTWISE:
-            raise ValueError(f"{spec.name}: eager creation supports element-wise states, not {decl.name!r}")
-    policy = amp.resolve(group.get("precision"))
-    if policy is not amp.DEFAULT:
-        return amp.eager_state(spec, policy, values, param)
-    state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=step_counter_dtype())}
-    for name, value in values.items():
-        state[name] = torch.full_like(param, value, memory_format=torch.preserve_format).detach()
-    return state
+    def keep() -> None:
+        state["step"] = counted["step"]
+
+    after.append(keep)
+    return counted
+
+
+def _build(backend: Backend, spec: Spec, policy: PrecisionPolicy | None, mode: Mode) -> Callable[..., None]:
+    """``backend``'s step function of ``spec`` for ``mode`` (and ``policy``, when states need it)."""
+    if policy is not None:
+        assert backend.build_with_policy is not None
+        return backend.build_with_policy(spec, policy)
+    if mode is Mode.PER_TENSOR and backend.build_per_tensor is not None:
+        return backend.build_per_tensor(spec)
+    if mode.graph:
+        assert backend.build_graph is not None
+        return functools.partial(
+            backend.build_graph(spec), differentiable=mode is Mode.DIFFERENTIABLE, device_steps=mode is Mode.CAPTURABLE
+        )
+    return backend.build(spec)

@@ -19,8 +19,8 @@ class RAdam(NamedOptimizer):
 
     Arguments as :class:`torch.optim.RAdam`: ``lr`` (float or 1-element tensor), ``betas``,
     ``eps``, ``weight_decay`` (coupled L2, or decoupled with ``decoupled_weight_decay=True``),
-    ``maximize``; ``foreach``/``capturable`` are recorded for checkpoint compatibility,
-    ``differentiable`` must be False. The paper's ρ_t > 4 is
+    ``maximize``, and torch's ``foreach``/``capturable``/``differentiable``, which choose the
+    implementation as in torch (:mod:`portopt.optim.torch_flags`). The paper's ρ_t > 4 is
     ``portopt.Optimizer(params, portopt.algorithms.radam(threshold=4.0))``.
     """
 

@@ -19,8 +19,9 @@ class RMSprop(NamedOptimizer):
 
     Arguments as :class:`torch.optim.RMSprop`: ``lr`` (float or 1-element tensor),
     ``alpha``, ``eps``, ``weight_decay`` (coupled L2), ``momentum`` (``!= 0`` adds the
-    momentum buffer), ``centered``, ``maximize``; ``foreach``/``capturable`` are recorded
-    for checkpoint compatibility, ``differentiable`` must be False.
+    momentum buffer), ``centered``, ``maximize``, and torch's ``foreach``/``capturable``/
+    ``differentiable``, which choose the implementation as in torch
+    (:mod:`portopt.optim.torch_flags`).
     """
 
     algorithm = "rmsprop"

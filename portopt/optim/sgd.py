@@ -21,8 +21,10 @@ class SGD(NamedOptimizer):
 
     Arguments as :class:`torch.optim.SGD`: ``lr`` (float or 1-element tensor),
     ``momentum``, ``dampening``, ``weight_decay`` (L2, coupled), ``nesterov``,
-    ``maximize``; ``foreach``/``fused`` are recorded for checkpoint compatibility (the
-    kernels are chosen by ``backend=``), ``differentiable`` must be False. ``momentum != 0``
+    ``maximize``, and torch's ``foreach``/``fused``/``differentiable``, which choose the
+    implementation as in torch (:mod:`portopt.optim.torch_flags`). A sparse gradient is stepped
+    as its dense form, which is what torch.optim.SGD computes (:mod:`portopt.optim.sparse`;
+    the momentum buffer is dense). ``momentum != 0``
     selects the spec with a momentum buffer, whose first value is the first gradient.
     torch.optim.SGD keeps no ``step``; portopt does (torch ignores it), and a torch
     checkpoint without one loads with ``step = 1``.
@@ -32,6 +34,7 @@ class SGD(NamedOptimizer):
     option_defaults: ClassVar[dict[str, Any]] = {"maximize": False, "nesterov": False}
     check_order = ("lr", "momentum", "weight_decay")
     torch_keeps_step = False
+    sparse_gradients = "dense"
 
     def __init__(
         self,

@@ -7,8 +7,11 @@ so checkpoints move both ways between ``torch.optim.X`` and ``portopt.X``.
 :func:`load` differs from ``torch.optim.Optimizer.load_state_dict`` in three ways:
 
 * everything is checked first (group count and sizes with torch's messages; each group's
-  keys, options and values; each parameter's state names and shapes), and any mismatch
-  raises ``ValueError`` naming the group/parameter, before the optimizer changes;
+  keys, options and values, and that its precision policy fits its parameters' dtypes;
+  each parameter's state names, shapes and dtypes, and its step count, a whole number
+  from 0 to 2**53), and any mismatch raises ``ValueError`` naming the group/parameter,
+  before the optimizer changes (a checkpoint is data from elsewhere: a value that cannot
+  occur, such as ``step = -1``, is refused rather than turned into NaN parameters later);
 * a state keeps its dtype (torch casts every state to its parameter's dtype, which would
   turn an fp32 moment of a bf16 parameter into bf16) and moves to its parameter's device;
 * ``step`` is kept on the host as a 0-d floating tensor; where torch.optim keeps no step
@@ -25,6 +28,7 @@ plain portopt run's) keeps the optimizer's own settings.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from copy import deepcopy
@@ -35,9 +39,10 @@ from torch import Tensor
 
 from portopt.lowering.backend import step_counter_dtype
 from portopt.lowering.interpreter import state_shape
-from portopt.optim.amp import MASTER, group_value
+from portopt.optim.amp import DEFAULT, MASTER, check_params, group_value, resolve
 from portopt.precision.policy import PrecisionPolicy
 from portopt.precision.quantize import Q8State
+from portopt.precision.storage import state_format
 from portopt.spec.definition import Spec
 
 if TYPE_CHECKING:
@@ -50,6 +55,8 @@ class CheckpointError(ValueError):
 
 def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
     """Load ``state_dict`` into ``optimizer`` (see the module docstring); all or nothing."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"not an optimizer state dict: a {type(state_dict).__name__}")
     state_dict = dict(state_dict)
     for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(optimizer, state_dict)
@@ -60,6 +67,7 @@ def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
             f"not an optimizer state dict: it has keys {sorted(map(str, state_dict))}, "
             "expected 'state' and 'param_groups'"
         )
+    _check_layout(state_dict)
     groups = optimizer.param_groups
     saved_groups = deepcopy(state_dict["param_groups"])
     if len(groups) != len(saved_groups):
@@ -69,7 +77,7 @@ def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
             "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
         )
 
-    specs: dict[Any, tuple[Spec, Tensor, str]] = {}
+    specs: dict[Any, tuple[Spec, Tensor, str, PrecisionPolicy]] = {}
     new_groups = []
     for index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         for key, value in optimizer.option_defaults.items():
@@ -79,8 +87,10 @@ def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
                 saved[key] = group[key]
         saved.update(optimizer.forced_options)
         spec = _group_spec(optimizer, saved, index)
+        policy = _group_policy(saved, group["params"], index)
         for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"], strict=True)):
-            specs[saved_id] = (spec, param, f"param group {index}, parameter {position} (shape {tuple(param.shape)})")
+            where = f"param group {index}, parameter {position} (shape {tuple(param.shape)})"
+            specs[saved_id] = (spec, param, where, policy)
         saved["params"] = group["params"]
         if "param_names" in group and "param_names" not in saved:
             saved["param_names"] = group["param_names"]
@@ -91,8 +101,8 @@ def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
         if key not in specs:
             state[key] = value  # state of no parameter of ours: kept as is, as torch does
             continue
-        spec, param, where = specs[key]
-        converted = convert_state(spec, value, param, where, optimizer.torch_keeps_step)
+        spec, param, where, policy = specs[key]
+        converted = convert_state(spec, value, param, where, optimizer.torch_keeps_step, policy)
         if converted:
             state[param] = converted
 
@@ -101,20 +111,51 @@ def load(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
         post_hook(optimizer)
 
 
+def _check_layout(state_dict: Mapping[str, Any]) -> None:
+    """The containers torch's layout has: ``state`` a dict, ``param_groups`` a list of dicts with ``params`` lists."""
+    if not isinstance(state_dict["state"], Mapping):
+        raise CheckpointError(f"the checkpoint's 'state' is a {type(state_dict['state']).__name__}, not a dict")
+    groups = state_dict["param_groups"]
+    if not isinstance(groups, (list, tuple)):
+        raise CheckpointError(f"the checkpoint's 'param_groups' is a {type(groups).__name__}, not a list")
+    for index, group in enumerate(groups):
+        if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
+            raise CheckpointError(
+                f"checkpoint param group {index} is not a dict with a 'params' list (got {type(group).__name__})"
+            )
+
+
 _OPTIMIZER_SETTINGS = ("precision", "skip_nonfinite")
 """Group entries that a checkpoint without them leaves as the optimizer has them."""
+
+
+def saveable_policy(policy: PrecisionPolicy | None) -> str:
+    """A policy as a checkpoint names it (``"torch"`` for the default)."""
+    return group_value(policy) or "torch" if policy is not None else "torch"
 
 
 def saveable(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` (torch's, freshly packed) with 8-bit states as dicts and policies as text."""
     state = state_dict["state"]
     for key, value in state.items():
-        if any(isinstance(v, Q8State) for v in value.values()):
+        # Hooks and user code may keep other entries in optimizer.state (state["x"] = 1): kept as torch keeps them.
+        if isinstance(value, Mapping) and any(isinstance(v, Q8State) for v in value.values()):
             state[key] = {k: v.to_dict() if isinstance(v, Q8State) else v for k, v in value.items()}
     for group in state_dict["param_groups"]:
         if isinstance(group.get("precision"), PrecisionPolicy):
             group["precision"] = group_value(group["precision"])
     return state_dict
+
+
+def _group_policy(saved: Mapping[str, Any], params: list[Tensor], index: int) -> PrecisionPolicy:
+    """The checkpointed group's precision policy, refused unless it fits this group's parameters
+    (a ``mixed-fp16`` checkpoint cannot drive bf16 parameters: every step would fail)."""
+    try:
+        policy = resolve(saved.get("precision"))
+        check_params(policy, params, f"param group {index}")
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint param group {index}: {exc}") from exc
+    return policy
 
 
 def _group_spec(optimizer: Optimizer, saved: dict[str, Any], index: int) -> Spec:
@@ -140,9 +181,20 @@ def _group_spec(optimizer: Optimizer, saved: dict[str, Any], index: int) -> Spec
     )
 
 
-def convert_state(spec: Spec, value: Any, param: Tensor, where: str, torch_keeps_step: bool = True) -> dict[str, Any]:
+def convert_state(
+    spec: Spec,
+    value: Any,
+    param: Tensor,
+    where: str,
+    torch_keeps_step: bool = True,
+    policy: PrecisionPolicy | None = None,
+) -> dict[str, Any]:
     """One parameter's checkpointed state, checked and moved to ``param``'s device (dtypes kept;
-    8-bit states rebuilt as :class:`~portopt.precision.quantize.Q8State`, bit-exactly)."""
+    8-bit states rebuilt as :class:`~portopt.precision.quantize.Q8State`, bit-exactly).
+
+    Refused: a step that is not a non-negative integer (``-1``, ``1.5``, NaN), a state of
+    another shape or a non-floating dtype, and an 8-bit state where ``policy`` stores that
+    state as a plain tensor (the group's step could not read it)."""
     if not isinstance(value, Mapping):
         raise CheckpointError(f"{where}: the checkpoint's state is a {type(value).__name__}, not a dict")
     entries = {k: v for k, v in value.items() if v is not None}  # old torch SGD stored momentum_buffer=None
@@ -164,6 +216,13 @@ def convert_state(spec: Spec, value: Any, param: Tensor, where: str, torch_keeps
         tensor = entries[decl.name]
         shape = state_shape(decl, param.shape)
         if isinstance(tensor, Mapping):
+            fmt = state_format(policy or DEFAULT, decl, param.shape, param.dtype)
+            if fmt.quantized is None:
+                raise CheckpointError(
+                    f"{where}: state {decl.name!r} is 8-bit in the checkpoint, but this group's precision policy "
+                    f"({saveable_policy(policy)}) stores it as a {fmt.dtype} tensor; load it into an optimizer "
+                    "with the checkpoint's precision"
+                )
             converted[decl.name] = _quantized(tensor, shape, param, f"{where}: state {decl.name!r}")
             continue
         if not isinstance(tensor, Tensor):
@@ -172,9 +231,10 @@ def convert_state(spec: Spec, value: Any, param: Tensor, where: str, torch_keeps
             raise CheckpointError(
                 f"{where}: state {decl.name!r} has shape {tuple(tensor.shape)}, the parameter needs {shape}"
             )
-        if not tensor.is_floating_point():
+        if not (tensor.is_floating_point() or (tensor.is_complex() and param.is_complex())):
             raise CheckpointError(f"{where}: state {decl.name!r} has dtype {tensor.dtype}; a floating dtype is needed")
-        converted[decl.name] = tensor.to(device=param.device)
+        # torch.optim.SGD keeps a sparse momentum buffer for sparse gradients; portopt's are dense (same values).
+        converted[decl.name] = (tensor.to_dense() if tensor.layout != torch.strided else tensor).to(device=param.device)
     return converted
 
 
@@ -199,6 +259,10 @@ def _master(master: Any, param: Tensor, where: str) -> Tensor:
     return master.detach().to(device=param.device)
 
 
+MAX_STEP = 2**53
+"""The largest step count accepted from a checkpoint (every integer up to it is a float64)."""
+
+
 def _step(step: Any, where: str, torch_keeps_step: bool) -> Tensor:
     if step is None:
         if torch_keeps_step:
@@ -207,8 +271,20 @@ def _step(step: Any, where: str, torch_keeps_step: bool) -> Tensor:
     if isinstance(step, Tensor):
         if step.numel() != 1:
             raise CheckpointError(f"{where}: 'step' has shape {tuple(step.shape)}; a single number is needed")
+        if step.is_complex() or step.dtype == torch.bool:
+            raise CheckpointError(f"{where}: 'step' has dtype {step.dtype}; a real number is needed")
         dtype = step.dtype if step.is_floating_point() else step_counter_dtype()
-        return step.detach().to(device="cpu", dtype=dtype).reshape(())
-    if isinstance(step, (int, float)) and not isinstance(step, bool):
-        return torch.tensor(float(step), dtype=step_counter_dtype())
-    raise CheckpointError(f"{where}: 'step' is {step!r}; a number or a 1-element tensor is needed")
+        counter = step.detach().to(device="cpu", dtype=dtype).reshape(())
+    elif isinstance(step, (int, float)) and not isinstance(step, bool):
+        if isinstance(step, int) and abs(step) > MAX_STEP:
+            raise CheckpointError(f"{where}: 'step' is {step}; at most {MAX_STEP} steps are accepted")
+        counter = torch.tensor(float(step), dtype=step_counter_dtype())
+    else:
+        raise CheckpointError(f"{where}: 'step' is {step!r}; a number or a 1-element tensor is needed")
+    value = float(counter)
+    if not (math.isfinite(value) and value >= 0 and value == math.floor(value) and value <= MAX_STEP):
+        raise CheckpointError(
+            f"{where}: 'step' is {value!r}; a step count is a whole number from 0 to {MAX_STEP} "
+            "(a negative, fractional or non-finite count would give wrong bias corrections)"
+        )
+    return counter

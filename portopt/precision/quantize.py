@@ -20,8 +20,9 @@ unsigned) get that entry, with their sign. The error bound is unchanged (these e
 ``<= 1e−6·A_b``), and it removes a failure of 8-bit Adam: an element of the second moment
 ``v`` many decades below its block's largest would otherwise read back as exactly 0, and
 ``m / (sqrt(v) + ε)`` would explode to ``m/ε``; stored as the smallest entry it gives a
-smaller, safe step instead. (A value so small that ``x/A_b`` underflows float32,
-``|x| < 1.4e−45·A_b``, still becomes 0.)
+smaller, safe step instead. This holds even where ``x/A_b`` underflows float32
+(``|x| < 1.4e−45·A_b``, a block holding a gradient spike): such a value is moved to the
+smallest subnormal with its sign before its code is found.
 
 **The dynamic maps.** As in the paper's dynamic (tree) quantisation (introduced in Dettmers,
 "8-Bit Approximations for Parallelism in Deep Learning", arXiv:1511.04561), a code's bits after the
@@ -47,10 +48,23 @@ magnitudes get more fraction bits: the map is dense near 1 and spans many decade
   is stored as 0.
 
 **Edge cases.** Size 0 gives empty codes and no blocks; a block of zeros has ``A_b = 0``
-and every code that of 0, and dequantises to exact zeros. A block holding inf or NaN cannot
-be represented in 8 bits: its absmax is stored as NaN (its codes as that of 0) and the whole
-block dequantises to NaN, so non-finite states stay visibly non-finite, never silently
-finite. (Under loss scaling such steps are skipped before anything is stored.)
+and every code that of 0, and dequantises to exact zeros.
+
+**Overflow saturates; NaN poisons its block.** A state computed in float32 from finite
+inputs can overflow: one gradient element of ``1e20`` makes Adam's ``(1 − β2)·g²`` infinite.
+A float32 state would hold ``inf`` in that one element; 8 bits cannot hold an infinity next
+to finite values (``A_b = inf`` would make every element of the block ``0·inf = NaN``, 256
+parameters lost to one spike). So ``±inf`` and anything beyond float32's range (a float64
+value over ``3.4e38``) is stored *saturated* at ``±3.4028235e38`` (float32's largest), and
+its block is stored as usual around that absmax: finite inputs always give finite states,
+hence finite parameters. The spike's neighbours in its block keep only its coarse scale (as
+with any outlier; the rule above keeps each at least the smallest entry, so no ``v`` of a
+neighbour reads back as 0). bitsandbytes' 8-bit optimizers take the absmax over the
+overflowed value too, so there the block becomes non-finite; a NaN (``inf − inf``, a NaN
+gradient) still does here: its absmax is stored as NaN (its codes as that of 0) and the
+whole block dequantises to NaN, so a NaN state stays visibly non-finite, never silently
+finite. (Under loss scaling, or ``skip_nonfinite``, steps with a non-finite gradient are
+skipped before anything is stored.)
 """
 
 from __future__ import annotations
@@ -68,6 +82,8 @@ BLOCK_SIZE = 256
 
 MAP_NAMES = ("signed", "unsigned")
 _SMALLEST_SUBNORMAL = 2.0**-149  # the float32 closest to 0
+FLOAT32_MAX = 3.4028234663852886e38
+"""float32's largest finite value: where overflowing values saturate (module doc)."""
 _MAGNITUDE_BITS = {"signed": 7, "unsigned": 8}
 
 
@@ -191,14 +207,21 @@ def quantize_blockwise(x: Tensor, name: str, block_size: int = BLOCK_SIZE) -> tu
     """``(codes, absmax)``: uint8 codes of ``x``'s shape and float32 absmax per block (see the module doc)."""
     _check_map_name(name)
     n = x.numel()
-    blocks = _padded_blocks(x.detach().reshape(-1).to(torch.float32), block_size)
+    # Saturate (module doc): ±inf and float64 values beyond float32's range become ±FLOAT32_MAX; NaN stays.
+    flat = x.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.clamp(-FLOAT32_MAX, FLOAT32_MAX).to(torch.float32)
+    blocks = _padded_blocks(flat, block_size).clamp(-FLOAT32_MAX, FLOAT32_MAX)
     absmax = blocks.abs().amax(dim=1)
     finite = torch.isfinite(absmax)
     # Divide (never multiply by a reciprocal) so that the absmax element becomes exactly ±1; zero and
-    # non-finite blocks are divided by 1 and zeroed: their codes are those of 0.
+    # NaN blocks are divided by 1 and zeroed: their codes are those of 0.
     usable = finite & (absmax > 0)
     scale = torch.where(usable, absmax, torch.ones_like(absmax))
     normalized = torch.where(usable.unsqueeze(1), blocks / scale.unsqueeze(1), torch.zeros_like(blocks))
+    # A non-zero value whose quotient underflowed to ±0 keeps its sign and gets the smallest entry.
+    underflowed = (normalized == 0) & (blocks != 0) & usable.unsqueeze(1)
+    normalized = torch.where(underflowed, torch.copysign(torch.tensor(_SMALLEST_SUBNORMAL), blocks), normalized)
     codes = _codes(normalized, name)
     absmax = torch.where(finite, absmax, torch.full_like(absmax, math.nan))
     return codes.reshape(-1)[:n].reshape(x.shape), absmax

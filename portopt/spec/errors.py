@@ -9,3 +9,16 @@ class SpecError(ValueError):
 
 class HyperparameterError(ValueError):
     """A hyperparameter value violates its declared constraint."""
+
+
+class InvalidDefaultError(SpecError, HyperparameterError):
+    """A loaded spec declares a hyperparameter whose default violates its own constraint.
+
+    A :class:`SpecError` (the loader raises nothing else) and a :class:`HyperparameterError`
+    (what is wrong is a hyperparameter value).
+    """
+
+
+class HyperparameterOverflowError(HyperparameterError, OverflowError):
+    """A hyperparameter value too large for a float (``lr=10**400``): a ValueError naming the
+    hyperparameter, and the OverflowError that converting it would raise."""

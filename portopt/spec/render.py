@@ -7,6 +7,13 @@ A rendering is one equation per line:
 * each state update as ``m ← β1·m + (1 − β1)·g``;
 * the parameter update ``p ← ...``, last.
 
+A large unlabelled subexpression used in several places (more than ``_SHARED_SIZE`` nodes
+spelled out), or a very large one (more than ``_LONG_SIZE``), is printed once, as
+``e1 = ...``, and referred to by that name, so the text grows with the number of distinct
+nodes, never with the tree a shared DAG unfolds to, and no equation is unreadably long;
+:func:`render_expr` and the header append such definitions (``..., where e1 = ...``).
+Rendering is iterative: a chain of any depth prints without recursion.
+
 Inside an equation a node that *is* the new value of a state prints as that state's
 symbol, a labelled node prints as its label, and ``state(name)`` prints the value before
 the step. LaTeX tells the two apart by subscripts (``m_t`` is new, ``m_{t-1}`` is old;
@@ -25,12 +32,15 @@ tree's grouping; a negated value is parenthesised as a right operand (``a·(−b
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from portopt.spec.definition import OptionValue, Spec
-from portopt.spec.expr import Expr
+from portopt.spec.expr import Expr, walk
 from portopt.spec.ops import Op
 from portopt.spec.symbols import Layout, Range
 
@@ -53,6 +63,11 @@ _FUNCTION_TEXT = {
     Op.MEAN: "mean",
     Op.ROW_MEAN: "rowmean",
     Op.COL_MEAN: "colmean",
+    Op.ROW_SUM: "rowsum",
+    Op.COL_SUM: "colsum",
+    Op.ROW_MAX: "rowmax",
+    Op.COL_MAX: "colmax",
+    Op.MOD: "mod",
 }
 _FUNCTION_LATEX = {
     Op.SIGN: r"\operatorname{sign}",
@@ -64,11 +79,20 @@ _FUNCTION_LATEX = {
     Op.MEAN: r"\operatorname{mean}",
     Op.ROW_MEAN: r"\operatorname{rowmean}",
     Op.COL_MEAN: r"\operatorname{colmean}",
+    Op.ROW_SUM: r"\operatorname{rowsum}",
+    Op.COL_SUM: r"\operatorname{colsum}",
+    Op.ROW_MAX: r"\operatorname{rowmax}",
+    Op.COL_MAX: r"\operatorname{colmax}",
+    Op.MOD: r"\operatorname{mod}",
 }
 _LAYOUT_WORDS = {Layout.TENSOR: "per tensor", Layout.ROW: "per row", Layout.COL: "per column"}
 
-_Key = tuple[str, object]  # ("state", name) | ("label", node) | ("param", "")
+_Key = tuple[str, object]  # ("state", name) | ("label", node) | ("param", "") | ("auto", number)
 _PARAM_KEY: _Key = ("param", "")
+_SHARED_SIZE = 40
+"""A shared subexpression that would spell out more nodes than this gets a name of its own."""
+_LONG_SIZE = 120
+"""So does any subexpression that would spell out more nodes than this."""
 
 
 @dataclass(frozen=True)
@@ -183,13 +207,42 @@ def _leaf(node: Expr, ctx: _Context) -> _Piece:
         return _Piece("p_{t-1}" if _PARAM_KEY in ctx.stale else "p", _ATOM, True)
     if node.op is Op.GRAD:
         return _Piece(("g_1" if ctx.initial else "g_t") if ctx.latex else "g", _ATOM, True)
-    raise AssertionError(f"not a leaf: {node.op}")
+    if node.op is Op.INPUT:
+        return _Piece(_input_symbol(str(node.value), ctx), _ATOM, True)
+    return _shape_leaf(node, ctx)
+
+
+def _input_symbol(name: str, ctx: _Context) -> str:
+    if ctx.spec is not None and name in ctx.spec.input_names:
+        declared = next(i for i in ctx.spec.inputs if i.name == name)
+        return declared.latex_symbol if ctx.latex else declared.text_symbol
+    return _mathrm(name) if ctx.latex else name
+
+
+def _shape_leaf(node: Expr, ctx: _Context) -> _Piece:
+    r"""``numel(p)``, ``ndim(p)``, ``size(p, −1)``, ``eps(dtype)`` (LaTeX: ``\operatorname{numel}(\theta)``, ...)."""
+    target = r"\theta" if ctx.latex else "p"
+    if node.op is Op.SIZE:
+        axis = _number(float(node.value or 0.0), ctx.latex).text
+        text = rf"\operatorname{{size}}_{{{axis}}}(\theta)" if ctx.latex else f"size(p, {axis})"
+    elif node.op is Op.FINFO:
+        text = rf"\operatorname{{{node.value}}}(\mathrm{{dtype}})" if ctx.latex else f"{node.value}(dtype)"
+    else:
+        text = rf"\operatorname{{{node.op.value}}}({target})" if ctx.latex else f"{node.op.value}({target})"
+    return _Piece(text, _ATOM, True)
+
+
+def _shared_symbol(number: int, latex: bool) -> str:
+    """The name of an automatically named shared subexpression: ``e3`` (LaTeX ``e_{3}``)."""
+    return f"e_{{{number}}}" if latex else f"e{number}"
 
 
 def _reference(key: _Key, ctx: _Context) -> _Piece:
     kind, what = key
     if kind == "state":
         return _Piece(_new_state(str(what), ctx), _ATOM, True)
+    if kind == "auto":
+        return _Piece(_shared_symbol(int(str(what)), ctx.latex), _ATOM, True)
     assert isinstance(what, Expr)
     assert what.label is not None
     return _Piece(what.label.latex if ctx.latex else what.label.text, _ATOM, True)
@@ -204,76 +257,122 @@ def _wrap(piece: _Piece, needed: bool, latex: bool) -> str:
     return f"({piece.text})"
 
 
-def _render(node: Expr, ctx: _Context, root: bool = False) -> _Piece:
-    """Render ``node``; below the root, references print as their symbol."""
-    if not root and node in ctx.refs:
-        return _reference(ctx.refs[node], ctx)
+def _where_rows(node: Expr, ctx: _Context) -> tuple[list[tuple[Expr, Expr]], Expr]:
+    """``where(c1, a, where(c2, b, c))`` -> ``[(c1, a), (c2, b)]`` and ``c``: one case expression."""
+    rows: list[tuple[Expr, Expr]] = []
+    while node.op is Op.WHERE and (not rows or node not in ctx.refs):
+        cond, if_true, node = node.args
+        rows.append((cond, if_true))
+    return rows, node
+
+
+def _is_clamp(node: Expr, ctx: _Context) -> bool:
+    return node.op is Op.MINIMUM and node.args[0].op is Op.MAXIMUM and node.args[0] not in ctx.refs
+
+
+def _needs(node: Expr, ctx: _Context) -> tuple[Expr, ...]:
+    """The nodes whose renderings ``node``'s rendering is made of."""
+    if node.op is Op.WHERE:
+        rows, otherwise = _where_rows(node, ctx)
+        return (*(x for row in rows for x in row), otherwise)
+    if _is_clamp(node, ctx):
+        return (*node.args[0].args, node.args[1])
+    return node.args
+
+
+def _render(root: Expr, ctx: _Context) -> _Piece:
+    """Render ``root``; below it, references print as their symbol.
+
+    Iterative and memoised: each node is rendered once from the renderings of the nodes it
+    needs (no recursion, whatever the depth; a shared node is not rendered twice).
+    """
+    pieces: dict[Expr, _Piece] = {}
+    pending: list[tuple[Expr, bool]] = [(root, False)]
+    while pending:
+        node, ready = pending.pop()
+        if node in pieces:
+            continue
+        if node is not root and node in ctx.refs:
+            pieces[node] = _reference(ctx.refs[node], ctx)
+            continue
+        needs = _needs(node, ctx)
+        if not ready and any(n not in pieces for n in needs):
+            pending.append((node, True))
+            pending.extend((n, False) for n in reversed(needs) if n not in pieces)
+            continue
+        pieces[node] = _piece(node, ctx, pieces.__getitem__, node is root)
+    return pieces[root]
+
+
+def _piece(node: Expr, ctx: _Context, get: Callable[[Expr], _Piece], root: bool) -> _Piece:
+    """One node's rendering, given its operands' (``get``)."""
     op, args = node.op, node.args
     if not args:
         return _leaf(node, ctx)
     if op in (Op.ADD, Op.SUB):
-        return _infix(args, "+" if op is Op.ADD else ("-" if ctx.latex else _TEXT_MINUS), _ADD, ctx, spaced=True)
+        symbol = "+" if op is Op.ADD else ("-" if ctx.latex else _TEXT_MINUS)
+        return _infix(get(args[0]), get(args[1]), symbol, _ADD, ctx)
     if op is Op.MUL:
-        return _product(args, ctx)
+        return _product(get(args[0]), get(args[1]), ctx)
     if op is Op.DIV:
-        return _quotient(_render(args[0], ctx), _render(args[1], ctx), ctx)
+        return _quotient(get(args[0]), get(args[1]), ctx)
     if op is Op.RSQRT:
-        return _quotient(_number(1.0, ctx.latex), _sqrt(_render(args[0], ctx), ctx), ctx)
+        return _quotient(_number(1.0, ctx.latex), _sqrt(get(args[0]), ctx), ctx)
     if op is Op.SQRT:
-        return _sqrt(_render(args[0], ctx), ctx)
+        return _sqrt(get(args[0]), ctx)
     if op is Op.POW:
-        return _power(_render(args[0], ctx), _render(args[1], ctx), ctx)
+        return _power(get(args[0]), get(args[1]), ctx)
     if op is Op.SQUARE:
-        return _power(_render(args[0], ctx), _number(2.0, ctx.latex), ctx)
+        return _power(get(args[0]), _number(2.0, ctx.latex), ctx)
     if op is Op.NEG:
-        operand = _render(args[0], ctx)
+        operand = get(args[0])
         sign = "-" if ctx.latex else _TEXT_MINUS
         return _Piece(sign + _wrap(operand, operand.prec <= _NEG, ctx.latex), _NEG)
     if op in _COMPARE_TEXT:
         symbol = (_COMPARE_LATEX if ctx.latex else _COMPARE_TEXT)[op]
-        left, right = _render(args[0], ctx), _render(args[1], ctx)
+        left, right = get(args[0]), get(args[1])
         return _Piece(
             f"{_wrap(left, left.prec <= _CMP, ctx.latex)} {symbol} {_wrap(right, right.prec <= _CMP, ctx.latex)}", _CMP
         )
     if op in (Op.AND, Op.OR):
         prec = _AND if op is Op.AND else _OR
         symbol = (r"\land" if op is Op.AND else r"\lor") if ctx.latex else ("∧" if op is Op.AND else "∨")
-        return _infix(args, symbol, prec, ctx, spaced=True)
+        return _infix(get(args[0]), get(args[1]), symbol, prec, ctx)
     if op is Op.NOT:
-        operand = _render(args[0], ctx)
+        operand = get(args[0])
         sign = r"\lnot " if ctx.latex else "¬"
         return _Piece(sign + _wrap(operand, operand.prec < _ATOM, ctx.latex), _NOT)
     if op is Op.WHERE:
-        return _cases(node, ctx, root)
+        return _cases(node, ctx, root, get)
+    if op is Op.FLOOR:
+        inner = get(args[0]).text
+        return _Piece(rf"\lfloor {inner} \rfloor" if ctx.latex else f"⌊{inner}⌋", _ATOM, True)
     if op is Op.ABS:
-        inner = _render(args[0], ctx).text
+        inner = get(args[0]).text
         return _Piece(rf"\lvert {inner} \rvert" if ctx.latex else f"|{inner}|", _ATOM, True)
     if op is Op.NORM:
-        inner = _render(args[0], ctx).text
+        inner = get(args[0]).text
         return _Piece(rf"\lVert {inner} \rVert" if ctx.latex else f"‖{inner}‖", _ATOM, True)
     if op is Op.MAX_ABS:
-        inner = _render(args[0], ctx).text
+        inner = get(args[0]).text
         return _Piece(rf"\max\lvert {inner} \rvert" if ctx.latex else f"max|{inner}|", _ATOM)
-    if op is Op.MINIMUM and args[0].op is Op.MAXIMUM and args[0] not in ctx.refs:
+    if _is_clamp(node, ctx):
         # clamp(x, lo, hi) is built as min(max(x, lo), hi): print it as written.
-        operands = (args[0].args[0], args[0].args[1], args[1])
-        return _call(r"\operatorname{clamp}" if ctx.latex else "clamp", operands, ctx)
+        return _call(r"\operatorname{clamp}" if ctx.latex else "clamp", [get(a) for a in _needs(node, ctx)], ctx)
     name = (_FUNCTION_LATEX if ctx.latex else _FUNCTION_TEXT)[op]
-    return _call(name, args, ctx)
+    return _call(name, [get(a) for a in args], ctx)
 
 
-def _infix(args: tuple[Expr, ...], symbol: str, prec: int, ctx: _Context, *, spaced: bool) -> _Piece:
-    left, right = _render(args[0], ctx), _render(args[1], ctx)
+def _infix(left: _Piece, right: _Piece, symbol: str, prec: int, ctx: _Context, *, spaced: bool = True) -> _Piece:
     left_text = _wrap(left, left.prec < prec, ctx.latex)
     right_text = _wrap(right, right.prec <= prec or right.prec == _NEG, ctx.latex)
     joiner = f" {symbol} " if spaced else symbol
     return _Piece(left_text + joiner + right_text, prec)
 
 
-def _product(args: tuple[Expr, ...], ctx: _Context) -> _Piece:
+def _product(left: _Piece, right: _Piece, ctx: _Context) -> _Piece:
     if not ctx.latex:
-        return _infix(args, "·", _MUL, ctx, spaced=False)
-    left, right = _render(args[0], ctx), _render(args[1], ctx)
+        return _infix(left, right, "·", _MUL, ctx, spaced=False)
     left_text = _wrap(left, left.prec < _MUL, True)
     right_text = _wrap(right, right.prec <= _MUL or right.prec == _NEG, True)
     # Juxtapose as a paper does (β_1 m_{t-1}); a dot only where two numbers would touch.
@@ -305,18 +404,16 @@ def _power(base: _Piece, exponent: _Piece, ctx: _Context) -> _Piece:
     return _Piece(f"{base_text}^{_wrap(exponent, exponent.prec < _ATOM, False)}", _POW)
 
 
-def _call(name: str, args: tuple[Expr, ...], ctx: _Context) -> _Piece:
-    inner = _Piece(", ".join(_render(a, ctx).text for a in args), _OR)
+def _call(name: str, args: Sequence[_Piece], ctx: _Context) -> _Piece:
+    inner = _Piece(", ".join(a.text for a in args), _OR)
     return _Piece(name + _wrap(inner, True, ctx.latex), _ATOM, True)
 
 
-def _cases(node: Expr, ctx: _Context, root: bool) -> _Piece:
+def _cases(node: Expr, ctx: _Context, root: bool, get: Callable[[Expr], _Piece]) -> _Piece:
     """``where(c1, a, where(c2, b, c))`` as one case expression with three rows."""
-    rows: list[tuple[str, str]] = []
-    while node.op is Op.WHERE and (not rows or node not in ctx.refs):
-        cond, if_true, node = node.args
-        rows.append((_render(if_true, ctx).text, _render(cond, ctx).text))
-    otherwise = _render(node, ctx).text
+    chain, last = _where_rows(node, ctx)
+    rows = [(get(if_true).text, get(cond).text) for cond, if_true in chain]
+    otherwise = get(last).text
     if not ctx.latex:
         body = "; ".join(f"{value} if {cond}" for value, cond in rows)
         return _Piece(f"{{{body}; {otherwise} otherwise}}", _ATOM)
@@ -346,69 +443,124 @@ def _new_value_refs(spec: Spec) -> dict[Expr, _Key]:
 
 
 def _scan(root: Expr, refs: dict[Expr, _Key]) -> tuple[list[_Key], set[_Key], list[Expr]]:
-    """References used by ``root``'s equation, old values it reads, and new labelled nodes."""
-    deps: list[_Key] = []
+    """References used by ``root``'s equation, old values it reads, and new labelled nodes.
+
+    A depth-first walk (operands left to right, each node once) that stops at references.
+    """
+    deps: dict[_Key, None] = {}
     reads: set[_Key] = set()
     labelled: list[Expr] = []
     seen: set[Expr] = set()
-
-    def visit(node: Expr, is_root: bool) -> None:
+    pending: list[tuple[Expr, bool]] = [(root, True)]
+    while pending:
+        node, is_root = pending.pop()
         if node in seen:
-            return
+            continue
         seen.add(node)
         if not is_root and (node in refs or node.label is not None):
             if node not in refs:
                 refs[node] = ("label", node)
                 labelled.append(node)
-            if refs[node] not in deps:
-                deps.append(refs[node])
-            return
+            deps.setdefault(refs[node])
+            continue
         if node.op is Op.STATE:
             reads.add(("state", str(node.value)))
         elif node.op is Op.PARAM:
             reads.add(_PARAM_KEY)
-        for arg in node.args:
-            visit(arg, False)
+        pending.extend((arg, False) for arg in reversed(node.args))
+    return list(deps), reads, labelled
 
-    visit(root, True)
-    return deps, reads, labelled
+
+def _shared_names(roots: Sequence[Expr], refs: Mapping[Expr, _Key]) -> dict[Expr, _Key]:
+    """Unnamed subexpressions to print as equations of their own (``e1 = ...``).
+
+    A node used more than once whose text would spell out more than :data:`_SHARED_SIZE`
+    nodes is named, so an equation never repeats a large shared subexpression: without it
+    ``x + x`` nested 30 deep would print 2^30 terms. So is any node that would spell out more
+    than :data:`_LONG_SIZE`: an equation stays readable (and building its text stays linear)
+    however deep the expression. Sizes count a reference as one node.
+    """
+    order = walk(list(roots))
+    uses = Counter(a for node in order for a in node.args)
+    size: dict[Expr, int] = {}
+    named: dict[Expr, _Key] = {}
+
+    def cut(node: Expr) -> bool:
+        return node in refs or node in named or node.label is not None
+
+    for node in order:
+        size[node] = 1 + sum(1 if cut(a) else size[a] for a in node.args)
+        large = size[node] > (_SHARED_SIZE if uses[node] > 1 else _LONG_SIZE)
+        if large and not cut(node) and uses[node] > 0:
+            named[node] = ("auto", len(named) + 1)
+    return named
 
 
 def _equations(spec: Spec) -> tuple[list[_Equation], dict[Expr, _Key]]:
     """Every equation of ``spec``, in reading order, and the reference of each named node."""
     refs = _new_value_refs(spec)
-    roots: dict[_Key, Expr] = {("state", name): value for name, value in spec.updates}
+    # A state kept as it is in the step (one that only a method updates) has no equation here.
+    roots: dict[_Key, Expr] = {
+        ("state", name): value for name, value in spec.updates if not (value.op is Op.STATE and value.value == name)
+    }
     roots[_PARAM_KEY] = spec.param_update
+    natural_roots = list(roots)
+    shared = _shared_names(list(roots.values()), refs)
+    refs.update(shared)
+    roots.update({key: node for node, key in shared.items()})
     table: dict[_Key, _Equation] = {}
     natural: list[_Key] = []
-
-    def visit(key: _Key) -> None:
+    # Depth-first over equations, each after the equations it uses (no recursion).
+    pending: list[tuple[_Key, bool]] = [(key, False) for key in reversed(natural_roots)]
+    while pending:
+        key, done = pending.pop()
+        if done:
+            natural.append(key)
+            continue
         if key in table:
-            return
+            continue
         deps, reads, labelled = _scan(roots[key], refs)
         for node in labelled:
             roots[("label", node)] = node
         table[key] = _Equation(key, roots[key], tuple(deps), frozenset(reads))
-        for dep in deps:
-            visit(dep)
-        natural.append(key)
-
-    for key in list(roots):
-        visit(key)
+        pending.append((key, True))
+        pending.extend((dep, False) for dep in reversed(deps) if dep not in table)
     return _schedule(table, natural), refs
 
 
 def _schedule(table: dict[_Key, _Equation], natural: list[_Key]) -> list[_Equation]:
-    """Definitions before uses; among the ready ones, an overwrite waits for the old value's readers."""
+    """Definitions before uses; among the ready ones, an overwrite waits for the old value's readers.
+
+    Of the equations whose definitions are all written, the first in natural order that no
+    other pending equation reads the old value of (only states and ``p`` have old values);
+    if every ready one is read, the first ready one.
+    """
     rank = {key: i for i, key in enumerate(natural)}
-    pending = set(natural)
+    waiting = {key: len(table[key].deps) for key in natural}
+    users: dict[_Key, list[_Key]] = {key: [] for key in natural}
+    readers: Counter[_Key] = Counter()
+    for key in natural:
+        for dep in table[key].deps:
+            users[dep].append(key)
+        readers.update(r for r in table[key].reads if r != key)
+    ready = [rank[key] for key in natural if waiting[key] == 0]
+    heapq.heapify(ready)
     ordered: list[_Equation] = []
-    while pending:
-        ready = [k for k in pending if all(d not in pending for d in table[k].deps)]
-        free = [k for k in ready if not any(k in table[o].reads for o in pending if o != k)]
-        chosen = min(free or ready, key=rank.__getitem__)
+    while ready:
+        passed: list[int] = []
+        while ready and readers[natural[ready[0]]] > 0:
+            passed.append(heapq.heappop(ready))
+        chosen = natural[heapq.heappop(ready) if ready else passed.pop(0)]
+        for waiting_rank in passed:
+            heapq.heappush(ready, waiting_rank)
         ordered.append(table[chosen])
-        pending.remove(chosen)
+        for r in table[chosen].reads:
+            if r != chosen:
+                readers[r] -= 1
+        for user in users[chosen]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, rank[user])
     return ordered
 
 
@@ -418,6 +570,8 @@ def _lhs(key: _Key, ctx: _Context) -> str:
         return _new_state(str(what), ctx)
     if kind == "param":
         return r"\theta_t" if ctx.latex else "p"
+    if kind == "auto":
+        return _shared_symbol(int(str(what)), ctx.latex)
     assert isinstance(what, Expr)
     assert what.label is not None
     return what.label.latex if ctx.latex else what.label.text
@@ -429,13 +583,13 @@ def _equation_lines(spec: Spec, latex: bool) -> list[str]:
     written: set[_Key] = set()
     for eq in equations:
         ctx = _Context(latex, spec, refs, frozenset(written))
-        arrow = "=" if eq.key[0] == "label" else (r"\leftarrow" if latex else "←")
-        rhs = _render(eq.root, ctx, root=True).text
+        arrow = "=" if eq.key[0] in ("label", "auto") else (r"\leftarrow" if latex else "←")
+        rhs = _render(eq.root, ctx).text
         lhs = _lhs(eq.key, ctx)
         if eq.key[0] == "label" and lhs == rhs:
             continue  # a label that reads exactly as its definition (‖p‖ = ‖p‖) adds nothing
         lines.append(f"{lhs} &{arrow} {rhs}" if latex else f"{lhs} {arrow} {rhs}")
-        if eq.key[0] != "label":
+        if eq.key[0] not in ("label", "auto"):
             written.add(eq.key)
     return lines
 
@@ -471,25 +625,59 @@ def _header(spec: Spec, latex: bool) -> list[str]:
     for s in spec.states:
         symbol = _subscript(s.latex_symbol, "0") if latex else s.symbol
         notes = [s.name] + ([_LAYOUT_WORDS[s.layout]] if s.layout in _LAYOUT_WORDS else [])
-        states.append(f"{symbol} = {_render(s.init, ctx, root=True).text} ({', '.join(notes)})")
-    return [
+        if s.when is not None:
+            notes.append(("if " if not latex else r"\text{if } ") + _inline(s.when, ctx))
+        states.append(f"{symbol} = {_inline(s.init, ctx)} ({', '.join(notes)})")
+    lines = [
         f"{spec.title} ({spec.name}{_option_text(spec.options)})",
         f"hyperparameters: {'; '.join(hypers) or 'none'}",
         f"state: {'; '.join(states) or 'none'}",
     ]
+    if spec.inputs:
+        inputs = []
+        for i in spec.inputs:
+            symbol = i.latex_symbol if latex else i.text_symbol
+            inputs.append(f"{symbol} = {_number(i.default, latex).text} (step({i.name}=...))")
+        lines.append(f"inputs: {'; '.join(inputs)}")
+    return lines
+
+
+def _method_lines(spec: Spec, latex: bool) -> list[str]:
+    """Each method as ``update_hessian(): h ← β2·h + (1 − β2)·g²`` (and its cadence)."""
+    lines = []
+    for m in spec.methods:
+        ctx = _Context(latex, spec, {})
+        arrow = r"\leftarrow" if latex else "←"
+        parts = []
+        for name, expr in m.updates:
+            lhs = _new_state(name, ctx) if latex else _state_symbol(name, ctx)
+            parts.append(f"{lhs} {arrow} {_inline(expr, ctx)}")
+        due = "" if m.due is None else (f" (after steps where {_inline(m.due, _Context(latex, spec, {}))})")
+        escaped = m.name.replace("_", r"\_")
+        head = rf"\text{{{escaped}()}}" if latex else f"{m.name}()"
+        lines.append(f"{head}: {'; '.join(parts)}{due}")
+    return lines
 
 
 # public -----------------------------------------------------------------------------
 def render_text(spec: Spec, *, header: bool = True) -> str:
     """The spec as plain text: a header (title, hyperparameters, states), then one equation per line."""
-    return "\n".join([*(_header(spec, latex=False) if header else []), *_equation_lines(spec, latex=False)])
+    return "\n".join(
+        [
+            *(_header(spec, latex=False) if header else []),
+            *_equation_lines(spec, latex=False),
+            *_method_lines(spec, False),
+        ]
+    )
 
 
 def render_latex(spec: Spec, *, header: bool = True) -> str:
-    """The spec as a LaTeX ``aligned`` block; the header, if asked for, as ``%`` comment lines."""
+    """The spec as a LaTeX ``aligned`` block; the header (and the methods after the block), if asked for, as
+    ``%`` comment lines."""
     comments = [f"% {line}" for line in _header(spec, latex=True)] if header else []
     body = " \\\\\n".join(_equation_lines(spec, latex=True))
-    return "\n".join([*comments, r"\begin{aligned}", body, r"\end{aligned}"])
+    methods = [f"% {line}" for line in _method_lines(spec, latex=True)] if header else []
+    return "\n".join([*comments, r"\begin{aligned}", body, r"\end{aligned}", *methods])
 
 
 def render_expr(expr: Expr, spec: Spec | None = None, *, latex: bool = False) -> str:
@@ -498,4 +686,18 @@ def render_expr(expr: Expr, spec: Spec | None = None, *, latex: bool = False) ->
     if spec is not None:
         refs = _new_value_refs(spec)
     _scan(expr, refs)  # labelled nodes below the root become references
-    return _render(expr, _Context(latex, spec, refs), root=True).text
+    return _inline(expr, _Context(latex, spec, refs))
+
+
+def _inline(root: Expr, ctx: _Context) -> str:
+    """``root`` as one expression; large shared subexpressions are named and defined after it.
+
+    ``p − lr·e2, where e1 = ..., e2 = ...`` (see :func:`_shared_names`).
+    """
+    shared = _shared_names([root], ctx.refs)
+    if not shared:
+        return _render(root, ctx).text
+    ctx = replace(ctx, refs={**ctx.refs, **shared})
+    definitions = [f"{_shared_symbol(int(str(k[1])), ctx.latex)} = {_render(n, ctx).text}" for n, k in shared.items()]
+    where = r" \quad\text{where } " if ctx.latex else ", where "
+    return _render(root, ctx).text + where + ", ".join(definitions)

@@ -11,7 +11,11 @@ Layout (version 1)::
      "states": [{"name", "symbol", "latex", "init": <node>, "layout", "doc"}, ...],
      "updates": [{"state": "exp_avg", "value": <node>}, ...],
      "param_update": <node>,
-     "options": [[key, value], ...], "references": [...], "notes": ...}
+     "options": [[key, value], ...], "references": [...], "notes": ...,
+     "inputs": [{"name", "default", "constraint", "symbol", "latex", "doc"}, ...],      (only if any)
+     "methods": [{"name", "updates": [{"state", "value"}, ...], "due": <node> | null, "doc"}, ...]}
+
+A state may carry ``"when": <node>`` (it exists only for tensors whose shape satisfies it).
 
 ``-0.0`` is written as ``0.0`` (the two compare equal, so equal specs give equal bytes).
 
@@ -22,23 +26,37 @@ Numbers are JSON numbers; the non-finite ones (a range's open ends) are the stri
 ``"inf"``, ``"-inf"`` and ``"nan"``, which every JSON reader accepts. The output is
 deterministic: equal specs give equal bytes.
 
-Loading checks the format and version, every op name, every node reference and every
-field's type, then builds the :class:`~portopt.spec.Spec`, which runs the spec's own
-validation; anything wrong raises :class:`~portopt.spec.SpecError`.
+Loading treats the text as untrusted data: it checks the size, the format and version,
+every op name, every node reference, every field's type and the limits of
+:mod:`portopt.spec.limits` (node count, depth, string lengths and characters), then builds
+the :class:`~portopt.spec.Spec`, which runs the spec's own validation; anything wrong
+raises :class:`~portopt.spec.SpecError` naming the field, and nothing else escapes.
+Structurally equal nodes are merged on load, so each distinct subexpression is one object.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from portopt.spec.definition import OptionValue, Spec
-from portopt.spec.errors import SpecError
+from portopt.spec.errors import HyperparameterError, InvalidDefaultError, SpecError
 from portopt.spec.expr import Expr, Label, walk
-from portopt.spec.ops import Op
-from portopt.spec.symbols import Hyperparameter, Layout, Range, StateDecl
+from portopt.spec.limits import (
+    MAX_DECLARATIONS,
+    MAX_DEPTH,
+    MAX_GROUP_INDEX,
+    MAX_JSON_BYTES,
+    MAX_NODES,
+    check_latex,
+    check_name,
+    check_text,
+)
+from portopt.spec.ops import FINFO_FIELDS, Op
+from portopt.spec.symbols import Hyperparameter, Input, Layout, Method, Range, StateDecl
 
 __all__ = ["FORMAT", "VERSION", "spec_from_dict", "spec_from_json", "spec_to_dict", "spec_to_json"]
 
@@ -61,6 +79,8 @@ _TOP_KEYS = (
     "options",
     "references",
     "notes",
+    "inputs",
+    "methods",
 )
 _T = TypeVar("_T")
 
@@ -87,7 +107,7 @@ def _node_out(node: Expr, index: Mapping[Expr, int]) -> dict[str, Any]:
     out: dict[str, Any] = {"op": node.op.value}
     if node.args:
         out["args"] = [index[a] for a in node.args]
-    if node.op is Op.CONST:
+    if node.op in (Op.CONST, Op.SIZE):
         out["value"] = _number_out(float(node.value or 0.0))
     elif node.value is not None:
         out["value"] = str(node.value)
@@ -116,12 +136,23 @@ def _hyper_out(h: Hyperparameter) -> dict[str, Any]:
     }
 
 
+def _range_out(r: Range) -> dict[str, Any]:
+    return {
+        "low": _number_out(r.low),
+        "high": _number_out(r.high),
+        "low_inclusive": r.low_inclusive,
+        "high_inclusive": r.high_inclusive,
+    }
+
+
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
     """The JSON-ready form of ``spec`` (see the module docstring for the layout)."""
     roots = [s.init for s in spec.states] + [e for _, e in spec.updates] + [spec.param_update]
+    roots += [s.when for s in spec.states if s.when is not None]
+    roots += [e for m in spec.methods for _, e in m.updates] + [m.due for m in spec.methods if m.due is not None]
     nodes = walk(roots)
     index = {node: i for i, node in enumerate(nodes)}
-    return {
+    out = {
         "format": FORMAT,
         "version": VERSION,
         "name": spec.name,
@@ -136,6 +167,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
                 "init": index[s.init],
                 "layout": s.layout.value,
                 "doc": s.doc,
+                **({"when": index[s.when]} if s.when is not None else {}),
             }
             for s in spec.states
         ],
@@ -145,6 +177,29 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         "references": list(spec.references),
         "notes": spec.notes,
     }
+    if spec.inputs:
+        out["inputs"] = [
+            {
+                "name": i.name,
+                "default": _number_out(i.default),
+                "constraint": _range_out(i.constraint),
+                "symbol": i.symbol,
+                "latex": i.latex,
+                "doc": i.doc,
+            }
+            for i in spec.inputs
+        ]
+    if spec.methods:
+        out["methods"] = [
+            {
+                "name": m.name,
+                "updates": [{"state": n, "value": index[e]} for n, e in m.updates],
+                "due": None if m.due is None else index[m.due],
+                "doc": m.doc,
+            }
+            for m in spec.methods
+        ]
+    return out
 
 
 def _compact(value: Any) -> str:
@@ -167,6 +222,17 @@ def spec_to_json(spec: Spec) -> str:
 
 
 # reading ----------------------------------------------------------------------------
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxstring = _PREVIEW.maxother = 40
+_PREVIEW.maxlevel = 2
+_MAX_INT_DIGITS = 32
+
+
+def _show(value: Any) -> str:
+    """A short, ASCII-only form of an untrusted value for an error message (bounded whatever its size)."""
+    return ascii(value) if isinstance(value, str) and len(value) <= 40 else _PREVIEW.repr(value)
+
+
 def _fail(where: str, message: str) -> SpecError:
     return SpecError(f"spec JSON: {where}: {message}")
 
@@ -177,8 +243,32 @@ def _field(obj: Mapping[str, Any], key: str, kind: type[_T] | tuple[type, ...], 
     value = obj[key]
     # bool is an int in Python; a JSON true is never accepted where a number is meant.
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise _fail(where, f"field {key!r} must be {_type_names(kind)}, got {value!r}")
+        raise _fail(where, f"field {key!r} must be {_type_names(kind)}, got {_show(value)}")
     return value  # type: ignore[return-value]
+
+
+def _name(obj: Mapping[str, Any], key: str, where: str, *, dotted: bool = False) -> str:
+    return check_name(_field(obj, key, str, where), f"spec JSON: {where} {key}", dotted=dotted)
+
+
+def _text(obj: Mapping[str, Any], key: str, where: str, *, multiline: bool = False) -> str:
+    return check_text(_field(obj, key, str, where), f"spec JSON: {where} {key}", multiline=multiline)
+
+
+def _latex(obj: Mapping[str, Any], key: str, where: str) -> str:
+    return check_latex(_field(obj, key, str, where), f"spec JSON: {where} {key}")
+
+
+def _list(obj: Mapping[str, Any], key: str, where: str, limit: int) -> list[Any]:
+    value: list[Any] = _field(obj, key, list, where)
+    if len(value) > limit:
+        raise _fail(where, f"{key!r} has {len(value)} entries; at most {limit} are accepted")
+    return value
+
+
+def _optional_list(top: Mapping[str, Any], key: str) -> list[Any]:
+    """A top-level list written only when not empty (``inputs``, ``methods``)."""
+    return _list(top, key, "top level", MAX_DECLARATIONS) if key in top else []
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -192,66 +282,90 @@ def _type_names(kind: type | tuple[type, ...]) -> str:
 
 
 def _exact_keys(obj: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(obj) - set(allowed))
+    unknown = sorted(_show(k) for k in obj if k not in allowed)
     if unknown:
-        raise _fail(where, f"unknown field(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(allowed)})")
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise _fail(where, f"unknown field(s) {shown} (allowed: {', '.join(allowed)})")
 
 
 def _object(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise _fail(where, f"must be an object, got {value!r}")
+        raise _fail(where, f"must be an object, got {_show(value)}")
     return value
 
 
-def _number_in(value: Any, where: str) -> float:
-    if isinstance(value, str) and value in _NON_FINITE:
+def _number_in(value: Any, where: str, *, finite: bool = False) -> float:
+    if isinstance(value, str) and value in _NON_FINITE and not finite:
         return _NON_FINITE[value]
+    accepted = "a finite number" if finite else "a number or one of 'inf', '-inf', 'nan'"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(where, f"must be a number or one of 'inf', '-inf', 'nan', got {value!r}")
-    return float(value)
+        raise _fail(where, f"must be {accepted}, got {_show(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _fail(where, f"must be {accepted}, got an integer of {len(str(value))} digits") from None
+    if finite and not math.isfinite(number):
+        raise _fail(where, f"must be {accepted}, got {_show(value)}")
+    return number
 
 
 def _nodes_in(raw: list[Any]) -> list[Expr]:
+    """The node list, each node checked; structurally equal nodes become one object (hash-consing)."""
     nodes: list[Expr] = []
+    depths: list[int] = []
+    interned: dict[Expr, Expr] = {}
     for i, item in enumerate(raw):
         where = f"node {i}"
         obj = _object(item, where)
         _exact_keys(obj, ("op", "args", "value", "label"), where)
         op_name = _field(obj, "op", str, where)
         if op_name not in _OPS:
-            raise _fail(where, f"unknown op {op_name!r} (known: {', '.join(sorted(_OPS))})")
+            raise _fail(where, f"unknown op {_show(op_name)} (known: {', '.join(sorted(_OPS))})")
         op = _OPS[op_name]
-        args = []
-        for ref in obj.get("args", []):
+        refs = obj.get("args", [])
+        if not isinstance(refs, list) or len(refs) > 3:
+            raise _fail(where, f"'args' must be a list of at most 3 node indices, got {_show(refs)}")
+        for ref in refs:
             if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < i:
                 raise _fail(
                     where,
-                    f"operand {ref!r} is not the index of an earlier node (nodes list operands before their "
+                    f"operand {_show(ref)} is not the index of an earlier node (nodes list operands before their "
                     f"users; valid here: 0..{i - 1})",
                 )
-            args.append(nodes[ref])
+        depth = 1 + max((depths[r] for r in refs), default=0)
+        if depth > MAX_DEPTH:
+            raise _fail(where, f"the expression is {depth} nodes deep; at most {MAX_DEPTH} (MAX_DEPTH) is accepted")
         value: float | str | None = None
         if op is Op.CONST:
             value = _number_in(obj.get("value"), f"{where} (const) value")
-        elif op in (Op.HYPER, Op.STATE):
-            value = _field(obj, "value", str, where)
+        elif op is Op.SIZE:
+            value = _number_in(obj.get("value"), f"{where} (size) axis", finite=True)
+        elif op is Op.FINFO:
+            field = _field(obj, "value", str, where)
+            if field not in FINFO_FIELDS:
+                raise _fail(where, f"finfo field {_show(field)} is not one of {', '.join(FINFO_FIELDS)}")
+            value = field
+        elif op in (Op.HYPER, Op.STATE, Op.INPUT):
+            value = _name(obj, "value", where)
         elif "value" in obj:
             raise _fail(where, f"op {op_name!r} takes no value")
         label = None
         if "label" in obj:
             raw_label = _object(obj["label"], f"{where} label")
             _exact_keys(raw_label, ("text", "latex"), f"{where} label")
-            label = Label(_field(raw_label, "text", str, where), _field(raw_label, "latex", str, where))
+            label = Label(_text(raw_label, "text", f"{where} label"), _latex(raw_label, "latex", f"{where} label"))
         try:
-            nodes.append(Expr(op, tuple(args), value, label))
+            node = Expr(op, tuple(nodes[r] for r in refs), value, label)
         except SpecError as exc:
             raise _fail(where, str(exc)) from None
+        nodes.append(interned.setdefault(node, node))
+        depths.append(depth)
     return nodes
 
 
 def _node_ref(nodes: list[Expr], ref: Any, where: str) -> Expr:
     if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(nodes):
-        raise _fail(where, f"node reference {ref!r} is dangling (the spec has nodes 0..{len(nodes) - 1})")
+        raise _fail(where, f"node reference {_show(ref)} is dangling (the spec has nodes 0..{len(nodes) - 1})")
     return nodes[ref]
 
 
@@ -262,88 +376,188 @@ def _hyper_in(item: Any, i: int) -> Hyperparameter:
     _exact_keys(obj, keys, where)
     c = _object(_field(obj, "constraint", dict, where), f"{where} constraint")
     _exact_keys(c, ("low", "high", "low_inclusive", "high_inclusive"), f"{where} constraint")
+    low, high = (_number_in(c.get(end), f"{where} constraint {end}") for end in ("low", "high"))
+    if math.isnan(low) or math.isnan(high):
+        raise _fail(f"{where} constraint", "an end of a range must be a number or 'inf'/'-inf', not 'nan'")
     constraint = Range(
-        _number_in(c.get("low"), f"{where} constraint low"),
-        _number_in(c.get("high"), f"{where} constraint high"),
+        low,
+        high,
         _field(c, "low_inclusive", bool, f"{where} constraint"),
         _field(c, "high_inclusive", bool, f"{where} constraint"),
     )
+    group_key = _field(obj, "group_key", str, where)
+    group_index: int | None = _field(obj, "group_index", (int, type(None)), where)
+    if group_index is not None and not 0 <= group_index <= MAX_GROUP_INDEX:
+        raise _fail(where, f"group_index must be null or 0..{MAX_GROUP_INDEX}, got {group_index}")
     return Hyperparameter(
-        name=_field(obj, "name", str, where),
+        name=_name(obj, "name", where),
         default=_number_in(obj.get("default"), f"{where} default"),
         constraint=constraint,
-        symbol=_field(obj, "symbol", str, where),
-        latex=_field(obj, "latex", str, where),
-        doc=_field(obj, "doc", str, where),
-        what=_field(obj, "what", str, where),
-        group_key=_field(obj, "group_key", str, where),
-        group_index=_field(obj, "group_index", (int, type(None)), where),
+        symbol=_text(obj, "symbol", where),
+        latex=_latex(obj, "latex", where),
+        doc=_text(obj, "doc", where, multiline=True),
+        what=_text(obj, "what", where),
+        group_key=check_name(group_key, f"spec JSON: {where} group_key") if group_key else "",
+        group_index=group_index,
+    )
+
+
+def _range_in(obj: Mapping[str, Any], where: str) -> Range:
+    c = _object(_field(obj, "constraint", dict, where), f"{where} constraint")
+    _exact_keys(c, ("low", "high", "low_inclusive", "high_inclusive"), f"{where} constraint")
+    low, high = (_number_in(c.get(end), f"{where} constraint {end}") for end in ("low", "high"))
+    if math.isnan(low) or math.isnan(high):
+        raise _fail(f"{where} constraint", "an end of a range must be a number or 'inf'/'-inf', not 'nan'")
+    return Range(
+        low,
+        high,
+        _field(c, "low_inclusive", bool, f"{where} constraint"),
+        _field(c, "high_inclusive", bool, f"{where} constraint"),
+    )
+
+
+def _input_in(item: Any, i: int) -> Input:
+    where = f"input {i}"
+    obj = _object(item, where)
+    _exact_keys(obj, ("name", "default", "constraint", "symbol", "latex", "doc"), where)
+    return Input(
+        name=_name(obj, "name", where),
+        default=_number_in(obj.get("default"), f"{where} default", finite=True),
+        constraint=_range_in(obj, where),
+        symbol=_text(obj, "symbol", where),
+        latex=_latex(obj, "latex", where),
+        doc=_text(obj, "doc", where, multiline=True),
+    )
+
+
+def _method_in(item: Any, i: int, nodes: list[Expr]) -> Method:
+    where = f"method {i}"
+    obj = _object(item, where)
+    _exact_keys(obj, ("name", "updates", "due", "doc"), where)
+    due_ref = obj.get("due")
+    return Method(
+        name=_name(obj, "name", where),
+        updates=_updates_in(_list(obj, "updates", where, MAX_DECLARATIONS), nodes),
+        due=None if due_ref is None else _node_ref(nodes, due_ref, f"{where} due"),
+        doc=_text(obj, "doc", where, multiline=True),
     )
 
 
 def _state_in(item: Any, i: int, nodes: list[Expr]) -> StateDecl:
     where = f"state {i}"
     obj = _object(item, where)
-    _exact_keys(obj, ("name", "symbol", "latex", "init", "layout", "doc"), where)
+    _exact_keys(obj, ("name", "symbol", "latex", "init", "layout", "doc", "when"), where)
     layout = _field(obj, "layout", str, where)
     if layout not in _LAYOUTS:
-        raise _fail(where, f"unknown layout {layout!r} (known: {', '.join(_LAYOUTS)})")
+        raise _fail(where, f"unknown layout {_show(layout)} (known: {', '.join(_LAYOUTS)})")
     return StateDecl(
-        name=_field(obj, "name", str, where),
-        symbol=_field(obj, "symbol", str, where),
-        latex=_field(obj, "latex", str, where),
+        name=_name(obj, "name", where),
+        symbol=_text(obj, "symbol", where),
+        latex=_latex(obj, "latex", where),
         init=_node_ref(nodes, obj.get("init"), f"{where} init"),
         layout=_LAYOUTS[layout],
-        doc=_field(obj, "doc", str, where),
+        doc=_text(obj, "doc", where, multiline=True),
+        when=_node_ref(nodes, obj["when"], f"{where} when") if "when" in obj else None,
     )
 
 
 def _option_in(item: Any, i: int) -> tuple[str, OptionValue]:
     where = f"option {i}"
     if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
-        raise _fail(where, f"must be a [name, value] pair, got {item!r}")
-    name, value = item
-    if isinstance(value, (bool, int, float, str)):
+        raise _fail(where, f"must be a [name, value] pair, got {_show(item)}")
+    name, value = check_name(item[0], f"spec JSON: {where} name"), item[1]
+    if isinstance(value, bool):
         return name, value
+    if isinstance(value, int):
+        if abs(value) > 2**63:
+            raise _fail(where, f"an integer value must lie within +-2**63, got {len(str(value))} digits")
+        return name, value
+    if isinstance(value, float):
+        return name, _number_in(value, where, finite=True)
+    if isinstance(value, str):
+        return name, check_text(value, f"spec JSON: {where} value")
     if isinstance(value, dict) and set(value) == {"float"}:
         return name, _number_in(value["float"], where)
-    raise _fail(where, f"value must be true/false, a number, a string or {{'float': 'inf'}}, got {value!r}")
+    raise _fail(where, f"value must be true/false, a number, a string or {{'float': 'inf'}}, got {_show(value)}")
+
+
+def _updates_in(raw: list[Any], nodes: list[Expr]) -> tuple[tuple[str, Expr], ...]:
+    updates = []
+    for i, item in enumerate(raw):
+        where = f"update {i}"
+        obj = _object(item, where)
+        _exact_keys(obj, ("state", "value"), where)
+        updates.append((_name(obj, "state", where), _node_ref(nodes, obj.get("value"), where)))
+    return tuple(updates)
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> Spec:
-    """Rebuild a spec from :func:`spec_to_dict`'s form; raise :class:`SpecError` on anything malformed."""
+    """Rebuild a spec from :func:`spec_to_dict`'s form; raise :class:`SpecError` on anything malformed.
+
+    ``data`` is untrusted: every field is checked against :mod:`portopt.spec.limits` before
+    anything is built, and nothing but :class:`SpecError` comes out of a malformed input.
+    """
     top = _object(data, "top level")
     if top.get("format") != FORMAT:
-        raise _fail("top level", f"format is {top.get('format')!r}, expected {FORMAT!r}")
+        raise _fail("top level", f"format is {_show(top.get('format'))}, expected {FORMAT!r}")
     if top.get("version") != VERSION or isinstance(top.get("version"), bool):
-        raise _fail("top level", f"unsupported version {top.get('version')!r} (this portopt reads version {VERSION})")
+        raise _fail(
+            "top level", f"unsupported version {_show(top.get('version'))} (this portopt reads version {VERSION})"
+        )
     _exact_keys(top, _TOP_KEYS, "top level")
-    nodes = _nodes_in(_field(top, "nodes", list, "top level"))
-    updates = []
-    for i, item in enumerate(_field(top, "updates", list, "top level")):
-        obj = _object(item, f"update {i}")
-        _exact_keys(obj, ("state", "value"), f"update {i}")
-        updates.append((_field(obj, "state", str, f"update {i}"), _node_ref(nodes, obj.get("value"), f"update {i}")))
-    references = _field(top, "references", list, "top level")
-    if not all(isinstance(r, str) for r in references):
-        raise _fail("top level", f"references must be strings, got {references!r}")
-    return Spec(
-        name=_field(top, "name", str, "top level"),
-        title=_field(top, "title", str, "top level"),
-        hyperparameters=tuple(_hyper_in(h, i) for i, h in enumerate(_field(top, "hyperparameters", list, "top level"))),
-        states=tuple(_state_in(s, i, nodes) for i, s in enumerate(_field(top, "states", list, "top level"))),
-        updates=tuple(updates),
-        param_update=_node_ref(nodes, top.get("param_update"), "param_update"),
-        options=tuple(_option_in(o, i) for i, o in enumerate(_field(top, "options", list, "top level"))),
-        references=tuple(references),
-        notes=_field(top, "notes", str, "top level"),
-    )
+    raw_nodes = _list(top, "nodes", "top level", MAX_NODES)
+    nodes = _nodes_in(raw_nodes)
+    hypers = _list(top, "hyperparameters", "top level", MAX_DECLARATIONS)
+    states = _list(top, "states", "top level", MAX_DECLARATIONS)
+    options = _list(top, "options", "top level", MAX_DECLARATIONS)
+    references = _list(top, "references", "top level", MAX_DECLARATIONS)
+    for i, ref in enumerate(references):
+        if not isinstance(ref, str):
+            raise _fail(f"reference {i}", f"must be a string, got {_show(ref)}")
+        check_text(ref, f"spec JSON: reference {i}")
+    name, title = _name(top, "name", "top level", dotted=True), _text(top, "title", "top level")
+    declared = tuple(_hyper_in(h, i) for i, h in enumerate(hypers))
+    state_decls = tuple(_state_in(s, i, nodes) for i, s in enumerate(states))
+    updates = _updates_in(_list(top, "updates", "top level", MAX_DECLARATIONS), nodes)
+    param_update = _node_ref(nodes, top.get("param_update"), "param_update")
+    option_pairs = tuple(_option_in(o, i) for i, o in enumerate(options))
+    notes = _text(top, "notes", "top level", multiline=True)
+    inputs = tuple(_input_in(x, i) for i, x in enumerate(_optional_list(top, "inputs")))
+    methods = tuple(_method_in(x, i, nodes) for i, x in enumerate(_optional_list(top, "methods")))
+    try:
+        return Spec(
+            name, title, declared, state_decls, updates, param_update, option_pairs, tuple(references), notes,
+            inputs, methods,
+        )  # fmt: skip
+    except SpecError as exc:
+        raise _fail("the spec", str(exc)) from None
+    except HyperparameterError as exc:  # a default outside its own range: still a malformed spec
+        raise InvalidDefaultError(f"spec JSON: hyperparameters: {exc}") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON; write non-finite numbers as the strings 'inf', '-inf', 'nan'")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits (at most {_MAX_INT_DIGITS} are accepted)")
+    return int(text)
 
 
 def spec_from_json(text: str | bytes) -> Spec:
-    """Parse :func:`spec_to_json`'s output back into an equal spec."""
+    """Parse :func:`spec_to_json`'s output back into an equal spec.
+
+    The text is untrusted: at most :data:`~portopt.spec.limits.MAX_JSON_BYTES` bytes, then
+    the limits of :mod:`portopt.spec.limits`; anything wrong raises :class:`SpecError`.
+    """
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_JSON_BYTES:
+        raise SpecError(f"spec JSON: {size} bytes; at most {MAX_JSON_BYTES} (MAX_JSON_BYTES) are accepted")
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int)
+    except RecursionError:
+        raise SpecError("spec JSON: nested too deeply to be a spec") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise SpecError(f"spec JSON: not valid JSON: {exc}") from None
     return spec_from_dict(data)
