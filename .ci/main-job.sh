@@ -24,7 +24,6 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torchindu
 # log; the reports in $report_dir (JSON, JUnit XML, HTML, Markdown) are kept up to date as it runs
 # and say "partial" until it ends, so a run cut short (SIGTERM, a CI time limit) leaves a report.
 # Extra arguments are passed on (e.g. --quick, --algorithm adamw, --device cuda, --workers 1).
-# npu-contract runs the NPU backend's rule on CPU through the emulated Ascend ops (labelled so in the report).
 devices=(--device cpu)
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     devices+=(--device cuda)
@@ -33,9 +32,22 @@ fi
 if python -c "import sys; from portopt.backends import device_unavailable_reason as r; sys.exit(r('npu') is not None)" 2>/dev/null; then
     devices+=(--device npu)
 fi
+# Backends: every one usable here but two duplicates, unless the arguments choose (--backend, --impl):
+# `reference` computes the float64 values of the chain it is compared with (the same primitive rules;
+# tests/test_reference_vs_torch.py checks it against torch.optim), and `npu-contract` emulates a device
+# this machine does not have and, for the algorithms without an Ascend kernel (all but Adam, AdamW and
+# SGD with momentum), runs the torch backend's generic lowering on CPU, checked already as `torch`.
+# `--backend reference` or `--backend npu-contract` runs them (README, "Main job").
+backends=()
+if ! printf '%s\n' "$@" | grep -qE '^--(backend|impl)(=|$)'; then
+    for name in $(python -c "from portopt.backends import available
+print(' '.join(r.name for r in available() if r.usable and r.name not in ('reference', 'npu-contract')))"); do
+        backends+=(--backend "$name")
+    done
+fi
 # In the background so that a SIGTERM or SIGINT sent to this script alone (not to its process
 # group, as `timeout` and CI runners do) still reaches the run, which then writes its partial report.
-portopt conformance "${devices[@]}" --report-dir "$report_dir" "$@" &
+portopt conformance "${devices[@]}" "${backends[@]}" --report-dir "$report_dir" "$@" &
 run=$!
 trap 'kill -TERM "$run" 2>/dev/null || true' TERM INT HUP
 status=0

@@ -7,9 +7,10 @@ enough to matter, ...). Hyperparameters are chosen so that every term is visible
 weight decay of 0.1 rather than 0.01, learning rates that move bfloat16 parameters by
 about one ulp per step. An algorithm of the library that the table does not know gets a
 default case and, if it has one, a weight-decay case, so a new algorithm is covered the
-day it lands; an algorithm may declare its own rows with its registration (``cases=``). Rows marked ``quick=False`` run only in the full set: the quick set keeps
-every algorithm with one or more rows that exercise its options (17 cases, 8 steps, the
-small problem), the full set runs every row on the full problem for 16 steps, plus a
+day it lands; an algorithm may declare its own rows with its registration (``cases=``).
+Rows marked ``quick=False`` run only in the full set: the quick set keeps every algorithm
+with one or more rows that exercise its options (8 steps, the small problem), the full
+set runs every row on the full problem for 16 steps, plus a
 problem of more than 2^20 elements, non-finite gradients, and the skip-step case. How
 discriminating each set is, is measured, not assumed: ``python -m portopt.conformance.catch``
 runs every mutant of :mod:`portopt.conformance.catch` on every case and reports which cases
