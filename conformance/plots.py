@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Any
@@ -108,6 +109,10 @@ _BASE_COLOURS = (
 """matplotlib's tab10 and more, without its red: red is the allowance line."""
 
 
+LEGEND_CHARS = 40
+"""Entries of an envelope plot's legend up to this long fit three to a row (at its font size)."""
+
+
 def _clip(values: Sequence[float]) -> list[float]:
     return [CEILING if not math.isfinite(v) else min(max(v, FLOOR), CEILING) for v in values]
 
@@ -119,7 +124,7 @@ def _figure(title: str, legend_rows: int) -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
-    legend_height = 0.18 * legend_rows
+    legend_height = 0.2 * legend_rows
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.0 + legend_height), sharey=True)
     fig.suptitle(title, fontsize=9)
     # A fixed layout and major ticks only: tight_layout and minor log ticks cost seconds per figure.
@@ -206,16 +211,23 @@ def envelope_plot(algorithm: str, results: Sequence[RunResult], palette: Palette
     columns: dict[tuple[str, str, str], list[RunResult]] = {}
     for r in ran:
         columns.setdefault((r.implementation, r.precision, r.device), []).append(r)
-    per_row = 3
+    labels = {key: f"{key[0]} · {key[1]}" + (f" · {key[2]}" if key[2] != "cpu" else "") for key in columns}
+    # Three entries a row; two, each wrapped, when a name is long (a backend's label: "npu-contract
+    # (emulated Ascend ops on CPU, not hardware)"), so that no entry runs off the figure.
+    longest = max(len(text) for text in labels.values())
+    per_row = 3 if longest <= LEGEND_CHARS else 2
+    wrapped = {key: textwrap.fill(text, 2 * LEGEND_CHARS) for key, text in labels.items()}
+    lines = max(text.count("\n") + 1 for text in wrapped.values())
     fig, axes = _figure(
-        f"{algorithm}: worst error over its cases and quantities, every run that ran", _rows(len(columns), per_row)
+        f"{algorithm}: worst error over its cases and quantities, every run that ran",
+        _rows(len(columns), per_row) * lines,
     )
     for ax, mode in zip(axes, ("lock-step", "free-running"), strict=True):
         for (impl, precision, device), members in columns.items():
             values = envelope(members, mode)
             if not values:
                 continue
-            label = f"{impl} · {precision}" + (f" · {device}" if device != "cpu" else "")
+            label = wrapped[(impl, precision, device)]
             ax.plot(
                 range(1, len(values) + 1), _clip(values), color=palette.implementation(impl),
                 linestyle=palette.style(precision), linewidth=1.2, label=label,
