@@ -157,9 +157,11 @@ def skip_headline(reason: str, algorithm: str = "") -> str:
 
     ``backend torch_fused does not lower this spec: no matching fused kernel for radam: ...``
     has the headline ``backend torch_fused does not lower this spec: no matching fused
-    kernel``; a short reason is its own headline.
+    kernel``; a short reason is its own headline. A part that only names the algorithm
+    (``... does not lower this spec: adafactor: it reads the tensor's shape ...``) is left
+    out, so the headline keeps the part that says why.
     """
-    parts = reason.split(": ")
+    parts = [p for p in reason.split(": ") if not algorithm or p.strip() != algorithm]
     head = ": ".join(parts[:2])
     head = _FOR_NAME.sub("", head)
     if algorithm:

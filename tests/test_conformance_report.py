@@ -88,6 +88,13 @@ def test_skip_reasons_of_several_algorithms_form_one_group_with_every_full_reaso
         "backend torch_fused does not lower this spec: no matching fused kernel"
     )
     assert skip_headline("torch.optim has no lion optimizer", "lion") == "torch.optim has no <algorithm> optimizer"
+    # A part that only names the algorithm gives way to the one that says why.
+    compiled = "backend compiled does not lower this spec: {alg}: it reads the tensor's shape; use backend='torch'"
+    assert (
+        skip_headline(compiled.format(alg="came"), "came")
+        == skip_headline(compiled.format(alg="adafactor"), "adafactor")
+        == "backend compiled does not lower this spec: it reads the tensor's shape; use backend='torch'"
+    )
     (group,) = skip_groups(_results())
     assert len(group.results) == 3
     assert group.reasons == [FUSED.format(alg=a) for a in ("lion", "rmsprop", "radam")]
