@@ -22,7 +22,9 @@ dtypes of ``p``, ``g`` and each state, rank) the first time the step meets it, o
 scratch tensors before any parameter is touched, then checked on scratch tensors of
 another size against the uncompiled function. Inductor's FX-graph cache (under
 ``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_$USER``) keeps the compiled
-code, so a second process pays tracing and loading, not the C++/Triton compile.
+code, so a second process pays tracing and loading, not the C++/Triton compile; within a
+process, a graph is compiled once per (spec, signature) and shared by every step function of
+an equal spec (:func:`compiled_graph`).
 
 Per call, the compiled graph is invoked directly with its arguments (sizes and tensors,
 in the order dynamo recorded) instead of through dynamo's guard check: the step has
@@ -379,8 +381,15 @@ class CompiledStep:
         sig = _Signature(p.device, tuple(t.dtype for t in tensors), rank)
         graph = self.graphs.get(sig)
         if graph is None:
-            graph = self.graphs[sig] = CompiledGraph(self.plan, sig)
+            graph = self.graphs[sig] = compiled_graph(self.spec, sig)
         return graph, views
+
+
+@functools.lru_cache(maxsize=256)
+def compiled_graph(spec: Spec, sig: _Signature) -> CompiledGraph:
+    """The compiled graph of ``spec`` for ``sig``, once per process: optimizers (and conformance
+    runs) with equal specs share it instead of tracing and compiling it again."""
+    return CompiledGraph(plan_kernel(spec), sig)
 
 
 def unsupported_reason(spec: Spec) -> str | None:

@@ -13,11 +13,16 @@ Modules: :mod:`~portopt.conformance.cases` (the case registry),
 :mod:`~portopt.conformance.chain` (the re-synced reference trajectory),
 :mod:`~portopt.conformance.candidates` (implementations under test and adapters),
 :mod:`~portopt.conformance.session` (one implementation judged step by step),
-:mod:`~portopt.conformance.runner`, :mod:`~portopt.conformance.variants` and
-:mod:`~portopt.conformance.diagnosis`, :mod:`~portopt.conformance.golden`,
-:mod:`~portopt.conformance.report`, :mod:`~portopt.conformance.cli` (``portopt
-conformance``), :mod:`~portopt.conformance.plugin` (pytest), and
-:mod:`~portopt.conformance.mutants` (deliberately wrong implementations).
+:mod:`~portopt.conformance.runner`, :mod:`~portopt.conformance.variants`, :mod:`~portopt.conformance.patterns` (which
+elements differ) and :mod:`~portopt.conformance.diagnosis`, :mod:`~portopt.conformance.golden`,
+:mod:`~portopt.conformance.suite` (a whole run: units, :mod:`~portopt.conformance.parallel`
+workers, :mod:`~portopt.conformance.progress`, interruption),
+:mod:`~portopt.conformance.report` (JSON, JUnit; :mod:`~portopt.conformance.report_html`,
+:mod:`~portopt.conformance.report_markdown`, :mod:`~portopt.conformance.report_terminal`,
+:mod:`~portopt.conformance.summary`, :mod:`~portopt.conformance.plots`),
+:mod:`~portopt.conformance.cli` (``portopt conformance``), :mod:`~portopt.conformance.plugin`
+(pytest), :mod:`~portopt.conformance.mutants` (deliberately wrong implementations) and
+:mod:`~portopt.conformance.catch` (which cases catch which mutants).
 
 The names below are imported on first use, so importing this package (as pytest does
 for the plugin) stays light.

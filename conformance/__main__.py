@@ -2,4 +2,5 @@
 
 from portopt.conformance.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a worker process (spawn) imports this module as its main
+    raise SystemExit(main())

@@ -24,9 +24,11 @@ reductions            ``Σ ea + γ_n·Σ|a|`` with ``γ_n = u·(⌈log2 n⌉ + 1
 ====================  =========================================================
 
 Leaves: the parameter, the gradient, the states and the step counter are exact (they are
-the inputs, already in the storage format), and so are constants that float32 holds exactly
-(``1``, ``2``, ``0.5``); hyperparameters and other constants carry ``u·|h|``, since a device
-may hold them as float32 scalars. So a step-only scalar such as
+the inputs, already in the storage format); hyperparameters, step inputs and constants carry
+their rounding to the scalar format, ``|fl(h) − h| <= u·|h|``, since a device may hold them
+as float32 scalars (a value the format holds exactly, such as the ``1`` of ``t == 1``, carries
+none: SGD's first-step branch is decided, not uncertain); shape leaves (numel, sizes, powers
+of two) are exact in every format. So a step-only scalar such as
 ``1 − β2^t`` gets the error of a float32 computation of it (relative ``~u/(1 − β2)``), which
 is what a capturable or fused kernel that computes it on the device in float32 actually
 incurs; host float64 scalars do better. The bound of the parameter update is therefore
@@ -108,7 +110,10 @@ class BoundEvaluator:
     """Memoised (value, error, drift) evaluation of a spec's expressions for one parameter and step.
 
     ``param_drift`` and the states' ``drift`` are the free-running bounds of the inputs;
-    with ``track_drift`` false only the lock-step ``error`` is computed.
+    with ``track_drift`` false only the lock-step ``error`` is computed. ``u`` is the unit
+    roundoff of element-wise operations, ``scalar_u`` (default ``u``) that of hyperparameters,
+    constants and step-only scalars, which an implementation that computes in bfloat16 still
+    holds as host or float32 numbers.
     """
 
     def __init__(
@@ -122,11 +127,13 @@ class BoundEvaluator:
         states: Mapping[str, Bounded],
         scalar_memo: dict[Expr, Bounded] | None = None,
         param_drift: Tensor | None = None,
+        scalar_u: float | None = None,
         facts: TensorFacts | None = None,
     ) -> None:
         self.spec = spec
         self.facts = facts if facts is not None else tensor_facts(param)
         self.u = u
+        self.scalar_u = u if scalar_u is None else scalar_u
         self.param, self.grad, self.step = param, grad, step
         self.hypers, self.states = hypers, states
         self.param_drift = param_drift
@@ -151,15 +158,11 @@ class BoundEvaluator:
     def _leaf(self, node: Expr) -> Bounded:
         op = node.op
         zero = _ZERO if self.track_drift else None
-        if op is Op.CONST:
-            v = host_scalar(float(node.value or 0.0))
-            # A constant that float32 holds exactly (1, 2, 0.5, ...) is exact on every device: comparing the
+        if op is Op.CONST or op is Op.HYPER or op is Op.INPUT:
+            v = host_scalar(float(node.value or 0.0)) if op is Op.CONST else host_scalar(self.hypers[str(node.value)])
+            # A value the scalar format holds exactly (1, 2, 0.5, ...) is exact on every device: comparing the
             # step counter with it (SGD's where(t == 1, ...)) is certain, not within rounding of either branch.
-            exact = float(v.to(torch.float32)) == float(v)
-            return Bounded(v, _ZERO if exact else self.u * v.abs(), zero)
-        if op is Op.HYPER or op is Op.INPUT:
-            v = host_scalar(self.hypers[str(node.value)])
-            return Bounded(v, self.u * v.abs(), zero)
+            return Bounded(v, _scalar_rounding(v, self.scalar_u), zero)
         if op in SHAPE_LEAVES:  # integers and powers of two: exact in every format
             return Bounded.exact(host_scalar(shape_leaf_value(node, self.facts)), zero)
         if op is Op.STEP:
@@ -183,7 +186,8 @@ class BoundEvaluator:
             drift = _uncertain(node.op, [a.channel(True) for a in args]) if self.track_drift else None
             return Bounded(value, _uncertain(node.op, args), drift)
         rule = _ERROR_RULES[node.op]
-        error = _nan_to_inf(rule(value, args, self.u))
+        u = self.scalar_u if _is_step_scalar(self.spec, node) else self.u
+        error = _nan_to_inf(rule(value, args, u))
         drift = _nan_to_inf(rule(value, [a.channel(True) for a in args], 0.0)) if self.track_drift else None
         return Bounded(value, error, drift)
 
@@ -198,6 +202,18 @@ class BoundEvaluator:
         error = _select_bound(cond.value, cond.error, x, y, drift=False)
         drift = _select_bound(cond.value, cond.drift, x, y, drift=True) if cond.drift is not None else None
         return Bounded(value, error, drift)
+
+
+_ROUNDOFF_DTYPES = {2.0**-53: torch.float64, 2.0**-24: torch.float32, 2.0**-11: torch.float16, 2.0**-8: torch.bfloat16}
+
+
+def _scalar_rounding(v: Tensor, u: float) -> Tensor:
+    """How far ``v`` moves when held in the format of unit roundoff ``u``: ``|fl(v) − v|`` (at most
+    ``u·|v|``, and 0 for a value the format holds exactly: 1, 0.5, an integer step count)."""
+    dtype = _ROUNDOFF_DTYPES.get(u)
+    if dtype is None:
+        return u * v.abs()
+    return (v.to(dtype).to(F64) - v).abs()
 
 
 def _select_bound(cond: Tensor, uncertain: Tensor, x: Bounded, y: Bounded, drift: bool) -> Tensor:
@@ -378,12 +394,13 @@ def initial_states(
     grad: Tensor,
     hypers: Mapping[str, float | Tensor],
     facts: TensorFacts | None = None,
+    scalar_u: float | None = None,
 ) -> dict[str, Bounded]:
     """Each state's initial value and bound, broadcast to its storage shape (the states of the tensor's shape
     class: ``facts``, default ``param``'s)."""
     facts = facts if facts is not None else tensor_facts(param)
     spec = spec.specialize(facts)
-    ev = BoundEvaluator(spec, u, param, grad, 0.0, with_inputs(spec, hypers), {}, facts=facts)
+    ev = BoundEvaluator(spec, u, param, grad, 0.0, with_inputs(spec, hypers), {}, scalar_u=scalar_u, facts=facts)
     return {decl.name: ev(decl.init).expanded(state_shape(decl, param.shape)) for decl in spec.states}
 
 
@@ -398,6 +415,7 @@ def bounded_step(
     scalar_memo: dict[Expr, Bounded] | None = None,
     param_drift: Tensor | None = None,
     facts: TensorFacts | None = None,
+    scalar_u: float | None = None,
 ) -> tuple[dict[str, Bounded], Bounded]:
     """New value and bounds of every state and of the parameter (float64, nothing written).
 
@@ -407,7 +425,7 @@ def bounded_step(
     facts = facts if facts is not None else tensor_facts(param)
     spec = spec.specialize(facts)
     hypers = with_inputs(spec, hypers)
-    ev = BoundEvaluator(spec, u, param, grad, step, hypers, states, scalar_memo, param_drift, facts)
+    ev = BoundEvaluator(spec, u, param, grad, step, hypers, states, scalar_memo, param_drift, scalar_u, facts)
     new_states = {name: ev(expr).expanded(tuple(states[name].value.shape)) for name, expr in spec.updates}
     return new_states, ev(spec.param_update).expanded(tuple(param.shape))
 

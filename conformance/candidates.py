@@ -29,6 +29,7 @@ can compare it and re-sync it (lock-step).
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -231,7 +232,21 @@ class BackendImplementation:
     def instantiate(self, setup: Setup) -> Instance:
         if setup.needs_front_end:
             return front_end_instance(setup, backend=self.backend.name)
-        return StepFunctionInstance(self.backend.build(setup.spec), setup.params, setup.groups, setup.group_hypers)
+        return StepFunctionInstance(
+            built_step(self.backend, setup.spec), setup.params, setup.groups, setup.group_hypers
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def built_step(backend: Backend, spec: Spec) -> StepFunction:
+    """``backend.build(spec)``, once per process for equal specs.
+
+    Step functions keep no per-parameter state (that is in the state dicts), so the lock-step
+    and free-running instances of a run, its diagnosis and every case with the same spec share
+    one: the compiled backend traces and compiles each kernel once per process instead of
+    twice per run.
+    """
+    return backend.build(spec)
 
 
 def front_end_instance(setup: Setup, backend: str) -> Instance:

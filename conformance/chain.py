@@ -104,6 +104,7 @@ class Reference:
         self.param_dtype = precision.update_dtype  # the master copy's dtype under master weights
         self.state_dtype = precision.state_dtype
         self.u = precision.unit_roundoff
+        self.scalar_u = precision.scalar_roundoff
         self.bound_factor = bound_factor
         self.skip_nonfinite = skip_nonfinite
 
@@ -139,32 +140,47 @@ class Reference:
         ``track_drift`` the inputs' free-running allowances are propagated. With
         ``skip_nonfinite``, a step with an inf/NaN gradient anywhere changes nothing.
         """
+        scalars: dict[tuple[int, int], dict[Expr, Bounded]] = {}
+        return [
+            self.advance_tensor(x, grads, i, spec, group_hypers, extra_states, track_drift, scalars)
+            for i in range(len(grads))
+        ]
+
+    def advance_tensor(
+        self,
+        x: Snapshot,
+        grads: Sequence[Tensor | None],
+        i: int,
+        spec: Spec | None = None,
+        group_hypers: Sequence[Mapping[str, float]] | None = None,
+        extra_states: Sequence[Mapping[str, Tensor]] | None = None,
+        track_drift: bool = True,
+        scalars: dict[tuple[int, int], dict[Expr, Bounded]] | None = None,
+    ) -> Outcome:
+        """``R_t`` of tensor ``i`` alone (see :meth:`advance`; ``scalars`` shares the step-only
+        scalars of one spec between the tensors of a group)."""
         spec = spec or self.spec
         group_hypers = group_hypers or self.group_hypers
-        scalars: dict[tuple[int, int], dict[Expr, Bounded]] = {}
-        outcomes: list[Outcome] = []
+        grad = grads[i]
+        held = x.states[i]
         skipped = self.skip_nonfinite and any(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
-        for i, grad in enumerate(grads):
-            held = x.states[i]
-            if grad is None or skipped:
-                states = None if held is None else {k: Bounded.exact(v) for k, v in held.items()}
-                outcomes.append(Outcome(False, Bounded.exact(x.params[i]), states, x.steps[i]))
-                continue
-            group = self.source.tensors[i].group
-            hypers = group_hypers[group]
-            t = x.steps[i] + 1
-            extra = None if extra_states is None else extra_states[i]
-            drift = x.drift[i] if track_drift else None
-            facts = tensor_facts(x.params[i], self.param_dtype)
-            tensor_spec = spec.specialize(facts)  # its shape class's states (Adafactor's factors for matrices)
-            inputs = self._inputs(tensor_spec, x.params[i], grad, hypers, held, extra, drift, facts)
-            memo = scalars.setdefault((group, t), {})
-            param_drift = None if drift is None else drift[PARAM]
-            new_states, new_param = bounded_step(
-                tensor_spec, self.u, x.params[i], grad, float(t), hypers, inputs, memo, param_drift, facts
-            )
-            outcomes.append(Outcome(True, new_param, new_states, t))
-        return outcomes
+        if grad is None or skipped:
+            states = None if held is None else {k: Bounded.exact(v) for k, v in held.items()}
+            return Outcome(False, Bounded.exact(x.params[i]), states, x.steps[i])
+        group = self.source.tensors[i].group
+        hypers = group_hypers[group]
+        t = x.steps[i] + 1
+        extra = None if extra_states is None else extra_states[i]
+        drift = x.drift[i] if track_drift else None
+        facts = tensor_facts(x.params[i], self.param_dtype)
+        tensor_spec = spec.specialize(facts)  # its shape class's states (Adafactor's factors for matrices)
+        inputs = self._inputs(tensor_spec, x.params[i], grad, hypers, held, extra, drift, facts)
+        memo = (scalars if scalars is not None else {}).setdefault((group, t), {})
+        param_drift = None if drift is None else drift[PARAM]
+        new_states, new_param = bounded_step(
+            tensor_spec, self.u, x.params[i], grad, float(t), hypers, inputs, memo, param_drift, facts, self.scalar_u
+        )
+        return Outcome(True, new_param, new_states, t)
 
     def _inputs(
         self,
@@ -201,7 +217,7 @@ class Reference:
         """Initial states rounded to the storage format; the rounding is an input error in both
         bounds, since an implementation may create them more (or less) precisely."""
         out: dict[str, Bounded] = {}
-        for name, b in initial_states(spec, self.u, param, grad, hypers, facts).items():
+        for name, b in initial_states(spec, self.u, param, grad, hypers, facts, self.scalar_u).items():
             stored = round_to(b.value, self.state_dtype)
             rounding = (stored - b.value).abs() + b.error
             out[name] = Bounded(stored, rounding, rounding if track_drift else None)

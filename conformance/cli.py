@@ -13,18 +13,26 @@ Without ``--backend`` or ``--impl`` every registered backend runs. ``--impl`` ad
 implementation that is not a portopt backend: ``torch.optim`` (every algorithm torch has,
 its default implementation), ``torch.optim:fused=True``, ``portopt`` (the front-end
 classes), or ``package.module:Name@algorithm[:flag=value,...]`` (a torch.optim-style class
-or a ``build(spec) -> StepFunction`` callable). The exit code is 0 when nothing failed
-(skips are listed with their reasons), 1 when a case failed or crashed, 2 for bad usage.
-A run that checked nothing is not a pass: the exit code is also 1, with a one-line reason,
-when every run was skipped, when nothing ran on a device named by ``--device`` (absent
-here), or when an implementation named by ``--impl`` or ``--backend`` ran nothing (an
-unknown flag such as ``--impl torch.optim:foo=bar``); ``--allow-skips`` accepts such runs.
+or a ``build(spec) -> StepFunction`` callable); one declared ``@algorithm`` runs that
+algorithm's cases only. The exit code is 0 when nothing failed (skips are listed with
+their reasons), 1 when a case failed or crashed, 2 for bad usage; an interrupted run
+(SIGINT, SIGTERM, ``--time-limit``) exits with 130, 143 or 124 after writing its partial
+report. A run that checked nothing is not a pass: the exit code is also 1, with a one-line
+reason, when every run was skipped, when nothing ran on a device named by ``--device``
+(absent here), or when an implementation named by ``--impl`` or ``--backend`` ran nothing
+(an unknown flag such as ``--impl torch.optim:foo=bar``); ``--allow-skips`` accepts such
+runs.
+
+A run uses ``--workers`` processes (default: one per core), prints a progress line every
+few runs when stdout is not a terminal (a bar when it is), and with ``--report-dir``
+keeps ``conformance.{json,xml,html,md}`` up to date as it goes, marked partial until the
+end.
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -67,7 +75,7 @@ def _add_selection(parser: argparse.ArgumentParser, suppress: bool = False) -> N
         action="append",
         default=default,
         metavar="P",
-        help="fp32, bf16, fp16+master, bf16+master, fp64 (repeatable; default: fp32, bf16, fp16+master)",
+        help="fp32, bf16, bf16-native, fp16+master, bf16+master, fp64 (repeatable; default: fp32, bf16, fp16+master)",
     )
     parser.add_argument(
         "--case",
@@ -87,6 +95,20 @@ def _add_selection(parser: argparse.ArgumentParser, suppress: bool = False) -> N
         action="store_true",
         default=argparse.SUPPRESS if suppress else False,
         help="skip the diagnosis of failures",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=argparse.SUPPRESS if suppress else None,
+        metavar="N",
+        help="worker processes (default: one per core; 1 runs everything in this process)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=argparse.SUPPRESS if suppress else None,
+        metavar="SECONDS",
+        help="stop after this long, with a partial report of what ran",
     )
     parser.add_argument(
         "--allow-skips",
@@ -146,24 +168,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("list", help="list the cases, implementations and precisions")
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """``name`` equals a pattern or matches it as a glob (case names contain ``[``, a glob character)."""
-    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def _cases(args: argparse.Namespace) -> list[Case]:
-    from portopt.cli_options import load_user_spec
-    from portopt.conformance.cases import build_cases, spec_cases
+    from portopt.conformance.cases import select_cases
 
     try:
-        specs = [load_user_spec(target) for target in args.spec or ()]
-        cases = build_cases(args.algorithm, quick=args.quick) if args.algorithm or not specs else []
-        for spec in specs:
-            cases += spec_cases(spec, quick=args.quick)
+        cases = select_cases(args.algorithm, args.quick, tuple(args.spec or ()))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.case:
-        cases = [c for c in cases if _matches(c.name, args.case)]
+        from portopt.conformance.cases import matches
+
+        cases = [c for c in cases if matches(c.name, args.case)]
         if not cases:
             raise UsageError(f"no case matches {', '.join(args.case)}; see `portopt conformance list`")
     return cases
@@ -230,45 +245,81 @@ def _precisions(args: argparse.Namespace) -> list[Precision]:
         raise UsageError(str(exc)) from None
 
 
-def _run_with_progress(
-    jobs: list[tuple[Case, Implementation, Precision, str]],
+SMALL_RUN = 8
+"""A run of fewer jobs than this stays in this process: starting workers would cost more."""
+
+
+def _workers(args: argparse.Namespace, jobs: int) -> int:
+    from portopt.conformance.parallel import default_workers
+
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {args.workers}")
+        return int(args.workers)
+    return 1 if jobs < SMALL_RUN else default_workers()
+
+
+def _selection(args: argparse.Namespace) -> Any:
+    from portopt.conformance.suite import Selection
+
+    return Selection(
+        quick=args.quick,
+        algorithms=tuple(args.algorithm) if args.algorithm else None,
+        specs=tuple(args.spec or ()),
+        case_patterns=tuple(args.case or ()),
+        backends=tuple(args.backend) if args.backend else None,
+        impls=tuple(args.impl or ()),
+        precisions=tuple(p.name for p in _precisions(args)),
+        devices=tuple(args.device or ["cpu"]),
+        drift=not args.no_drift,
+        diagnose=not args.no_diagnose,
+    )
+
+
+def _execute(
     args: argparse.Namespace,
+    jobs: list[tuple[Case, Implementation, Precision, str]],
+    meta: dict[str, Any],
     sources: dict[str, ProblemSource] | None = None,
-) -> list[RunResult]:
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+) -> tuple[list[RunResult], Any, Any]:
+    """Run ``jobs`` with progress and incremental reports; the results, the writer and how it stopped."""
+    from portopt.conformance import suite
+    from portopt.conformance.progress import make_progress
+    from portopt.conformance.report import ReportWriter
 
-    from portopt.conformance.runner import RunOptions, run_jobs
-
-    options = RunOptions(drift=not args.no_drift, diagnose=not args.no_diagnose)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
-    ) as progress:
-        task = progress.add_task("conformance", total=len(jobs))
-
-        def advance(result: RunResult) -> None:
-            mark = {"pass": "[green]pass", "fail": "[red]FAIL", "error": "[red]ERROR", "skip": "[dim]skip"}[
-                result.status
-            ]
-            what = escape(f"{result.case} | {result.implementation} | {result.precision}")
-            progress.update(task, advance=1, description=f"{mark}[/] {what}")
-
-        return run_jobs(jobs, options=options, progress=advance, sources=sources)
+    workers = 1 if sources is not None else _workers(args, len(jobs))
+    meta = {**meta, "workers": workers}
+    writer = ReportWriter(args.report_dir, meta, planned=len(jobs)) if args.report_dir else None
+    outcome = suite.run(
+        _selection(args),
+        workers=workers,
+        progress=make_progress(),
+        writer=writer,
+        time_limit=args.time_limit,
+        jobs=jobs if workers == 1 else None,
+        sources=sources,
+    )
+    return outcome.results, writer, outcome.interrupted
 
 
-def _finish(results: list[RunResult], args: argparse.Namespace, started: float, meta: dict[str, Any]) -> int:
-    from rich.console import Console
-
-    from portopt.conformance.report import terminal_report, write_reports
+def _finish(
+    results: list[RunResult], args: argparse.Namespace, started: float, writer: Any, interrupted: Any = None
+) -> int:
+    from portopt.conformance.report_terminal import console, terminal_report
     from portopt.conformance.results import ERROR, FAIL
 
-    console = Console()
-    terminal_report(results, console)
+    out = console()
+    terminal_report(results, out)
     elapsed = time.perf_counter() - started
-    console.print(f"wall time {elapsed:.1f} s")
-    if args.report_dir:
-        paths = write_reports(results, args.report_dir, {**meta, "wall_seconds": round(elapsed, 1)})
-        console.print("reports: " + ", ".join(str(p) for p in paths))
+    out.print(f"wall time {elapsed:.1f} s")
+    if interrupted is not None:
+        out.print(f"[yellow]partial run: {interrupted.reason}[/yellow]", highlight=False)
+    if writer is not None:
+        reason = None if interrupted is None else f"{interrupted.reason} after {len(results)} of {writer.planned} runs"
+        paths = writer.finish(results, reason, {"wall_seconds": round(elapsed, 1)})
+        out.print("reports: " + ", ".join(str(p) for p in paths), highlight=False)
+    if interrupted is not None:
+        return int(interrupted.exit_code)
     if any(r.status in (FAIL, ERROR) for r in results):
         return EXIT_FAILED
     too_little = skip_failure(results, args)
@@ -278,10 +329,11 @@ def _finish(results: list[RunResult], args: argparse.Namespace, started: float, 
     return EXIT_OK
 
 
-def _command_line(args: argparse.Namespace) -> str:
-    return " ".join(
-        f"{k}={v}" for k, v in sorted(vars(args).items()) if not k.startswith("_") and v not in (None, False)
-    )
+def _command_line() -> str:
+    """The command as typed (``portopt conformance ...`` or ``python -m portopt.conformance ...``)."""
+    program = sys.argv[0].rsplit("/", 1)[-1]
+    head = ["python", "-m", "portopt.conformance"] if program in ("__main__.py", "-m", "-c") else [program]
+    return shlex.join([*head, *sys.argv[1:]])
 
 
 def _run_suite(args: argparse.Namespace) -> int:
@@ -292,8 +344,8 @@ def _run_suite(args: argparse.Namespace) -> int:
         return _run_distributed(args, started)
     cases, impls, precisions = _cases(args), _implementations(args), _precisions(args)
     jobs = plan(cases, impls, precisions, args.device or ["cpu"])
-    results = _run_with_progress(jobs, args)
-    return _finish(results, args, started, {"command": _command_line(args), "quick": args.quick})
+    results, writer, interrupted = _execute(args, jobs, {"command": _command_line(), "quick": args.quick})
+    return _finish(results, args, started, writer, interrupted)
 
 
 def _run_distributed(args: argparse.Namespace, started: float) -> int:
@@ -344,7 +396,9 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     entries = list(enumerate(golden.cases()))
     if args.case:
-        entries = [e for e in entries if _matches(e[1][0].name, args.case)]
+        from portopt.conformance.cases import matches
+
+        entries = [e for e in entries if matches(e[1][0].name, args.case)]
     results: list[RunResult] = []
     runnable = []
     for index, (case, source) in entries:
@@ -358,13 +412,13 @@ def _check(args: argparse.Namespace) -> int:
 
     impls, precisions = _implementations(args), _precisions(args)
     jobs = plan([c for c, _ in runnable], impls, precisions, args.device or ["cpu"])
-    results += _run_with_progress(jobs, args, sources={c.name: s for c, s in runnable})
     meta = {
-        "command": _command_line(args),
+        "command": _command_line(),
         "golden": str(args.golden),
         "recorded_on": golden.manifest.get("machine", ""),
     }
-    return _finish(results, args, started, meta)
+    ran, writer, interrupted = _execute(args, jobs, meta, sources={c.name: s for c, s in runnable})
+    return _finish(results + ran, args, started, writer, interrupted)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -402,6 +456,8 @@ def run(args: argparse.Namespace) -> int:
         ("case", None),
         ("no_drift", False),
         ("no_diagnose", False),
+        ("workers", None),
+        ("time_limit", None),
         ("allow_skips", False),
     ):
         if not hasattr(args, name):

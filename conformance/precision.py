@@ -1,6 +1,7 @@
 """Precisions as data: parameter dtype, optional master copy, state storage, compute dtype.
 
-A precision says how an implementation under test stores its numbers; the conformance
+A precision says how an implementation under test stores its numbers *and in what it
+computes* (its contract); the conformance
 suite builds the problem in that format and judges the result with the tolerance model
 of :mod:`portopt.conformance.tolerance`. ``fp32`` and ``bf16`` need nothing but a step
 function (the generic backend stores states in the parameter dtype and computes in
@@ -13,6 +14,16 @@ Numbers of the floating-point formats, for a format with ``d`` significand bits
 (implicit bit included): the unit roundoff is ``u = 2^-d`` (half the spacing at 1), and
 the spacing ("ULP") of a value ``x`` is ``2^(e - d)`` for ``2^(e-1) <= |x| < 2^e``,
 floored at the subnormal spacing below the smallest normal number.
+
+**The two bfloat16 contracts.** ``bf16`` is what fused kernels and portopt's backends
+promise: bfloat16 parameters and states, every element's step computed in float32 and
+rounded *once*, when stored. Its tolerance is built with float32's unit roundoff, so an
+implementation that rounds every operation to bfloat16 (torch.optim on bfloat16 tensors:
+each ``mul_``, ``add_``, ``lerp_`` rounds its result) fails it, and the failure message says
+so. ``bf16-native`` is the contract of such implementations: the same storage, arithmetic
+op by op in bfloat16; its tolerance comes from the same error analysis with bfloat16's unit
+roundoff ``2^-8`` at every operation of the spec (``compute_dtype``), so it is as strict for
+bfloat16 arithmetic as ``bf16`` is for float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -51,6 +62,11 @@ class Precision:
     """The front end's ``precision=`` value that asks for this (a :mod:`portopt.precision` preset)."""
 
     @property
+    def contract(self) -> str:
+        """What an implementation run in this precision promises, in one sentence."""
+        return f"{self.name}: {self.summary}" if self.summary else self.name
+
+    @property
     def needs_policy(self) -> bool:
         """True when a bare step function cannot express it (master weights)."""
         return self.master_dtype is not None
@@ -64,6 +80,12 @@ class Precision:
     def unit_roundoff(self) -> float:
         """Unit roundoff of the compute dtype: the relative error of one rounded operation."""
         return unit_roundoff(self.compute_dtype)
+
+    @property
+    def scalar_roundoff(self) -> float:
+        """Unit roundoff of hyperparameters and step-only scalars: float32's at worst (host numbers
+        or float32 device scalars), even when the element-wise arithmetic is bfloat16."""
+        return min(self.unit_roundoff, unit_roundoff(torch.float32))
 
     def huge_gradient(self) -> float:
         """A gradient scale that is huge for the parameter format, yet whose squares summed over a
@@ -80,6 +102,14 @@ PRECISIONS: dict[str, Precision] = {
             torch.bfloat16,
             torch.bfloat16,
             summary="bfloat16 parameters and states, float32 arithmetic, rounded once on store",
+        ),
+        Precision(
+            "bf16-native",
+            torch.bfloat16,
+            torch.bfloat16,
+            compute_dtype=torch.bfloat16,
+            summary="bfloat16 parameters and states, bfloat16 arithmetic: every operation rounded to bfloat16 "
+            "(torch.optim on bfloat16 tensors)",
         ),
         Precision(
             "fp16+master",
@@ -108,6 +138,11 @@ PRECISIONS: dict[str, Precision] = {
 }
 DEFAULT_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16+master")
 """The precisions a run covers unless told otherwise (the issue's matrix)."""
+OP_BY_OP_HINT = {
+    "bf16": "an implementation that rounds every operation to bfloat16 (torch.optim on bfloat16 tensors) "
+    "does not meet this contract; check it against its own with --precision bf16-native",
+}
+"""For a failure in these precisions, the contract the implementation may follow instead."""
 
 
 def get_precision(name: str) -> Precision:

@@ -73,13 +73,17 @@ class VariantScore:
 
 @dataclass
 class Diagnosis:
-    """Why a run failed: first divergence, localised pattern, and the variant it computes."""
+    """Why a run failed: first divergence, the element pattern (``localized``), and the variant it
+    computes (``matched``: one variant, or several joined by ``+``)."""
 
     summary: str
     first_divergence: Divergence | None = None
     localized: str | None = None
     matched: VariantScore | None = None
     scores: list[VariantScore] = field(default_factory=list)
+    pattern: str | None = None
+    """The kind of the element pattern (``overflow``, ``fixed-subset``, ``tensors:strided``,
+    ``simd-body:16``, ``values:small``, ...); ``localized`` says it in words."""
 
 
 @dataclass
@@ -103,6 +107,8 @@ class RunResult:
     overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    failed_tensors: dict[str, int] = field(default_factory=dict)
+    """Every tensor that left the tolerance (in either mode), with the first step it did."""
 
     @property
     def borderline(self) -> bool:
@@ -112,9 +118,17 @@ class RunResult:
     def test_id(self) -> str:
         return f"{self.case}|{self.implementation}|{self.precision}|{self.device}"
 
+    @property
+    def ran(self) -> bool:
+        """Whether it was compared at all (a skipped or crashed run has no score)."""
+        return self.status in (PASS, FAIL)
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; a run that did not run has ``null`` scores, never a perfect 0."""
         data = asdict(self)
         data["borderline"] = self.borderline
+        if not self.ran:
+            data["worst_lockstep"] = data["worst_drift"] = None
         out: dict[str, Any] = _jsonable(data)
         return out
 
@@ -130,7 +144,7 @@ class RunResult:
             d["scores"] = [_score(s) for s in d.get("scores", [])]
             data["diagnosis"] = Diagnosis(**d)
         for key in ("worst_lockstep", "worst_drift"):
-            data[key] = float(data[key])
+            data[key] = 0.0 if data.get(key) is None else float(data[key])
         for key in ("lockstep_curves", "drift_curves"):
             data[key] = {q: [float(x) for x in v] for q, v in data.get(key, {}).items()}
         return RunResult(**data)

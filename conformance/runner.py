@@ -27,7 +27,7 @@ from portopt.conformance.candidates import (
 )
 from portopt.conformance.cases import FOUND_INF, Case
 from portopt.conformance.chain import ProblemSource, Reference, Trajectory
-from portopt.conformance.precision import Precision
+from portopt.conformance.precision import OP_BY_OP_HINT, Precision
 from portopt.conformance.results import ERROR, FAIL, PASS, SKIP, RunResult
 from portopt.conformance.session import Session
 from portopt.conformance.tolerance import (
@@ -190,6 +190,8 @@ def run_group(
                 active.remove(run)
             result.seconds += time.perf_counter() - start
     for result, session, tolerance in runs:
+        if result.status == FAIL and precision.name in OP_BY_OP_HINT:
+            result.reason += f" (precision contract {precision.contract}; {OP_BY_OP_HINT[precision.name]})"
         if result.status != FAIL or not options.diagnose:
             continue
         start = time.perf_counter()
@@ -237,8 +239,18 @@ def plan(
     """Every combination, in a stable order: precision, case, device, implementation.
 
     Devices and implementations are innermost so that they share one reference chain per case.
+    An implementation of one algorithm (``pkg.mod:Name@adam``) is planned for that
+    algorithm's cases only: it is not a skip of every other algorithm.
     """
-    return [(c, i, p, d) for p in precisions for c in cases for d in devices for i in impls]
+    return [
+        (c, i, p, d) for p in precisions for c in cases for d in devices for i in impls if implements(i, c.algorithm)
+    ]
+
+
+def implements(impl: Implementation, algorithm: str) -> bool:
+    """False for an implementation declared for another algorithm (its ``algorithm`` attribute)."""
+    own = getattr(impl, "algorithm", None)
+    return own is None or own == algorithm
 
 
 def run_matrix(

@@ -251,6 +251,7 @@ class Session:
     @staticmethod
     def _set_failure(result: RunResult, div: Divergence) -> None:
         result.status = FAIL
+        result.failed_tensors[div.tensor] = min(div.step, result.failed_tensors.get(div.tensor, div.step))
         current = result.first_failure
         # Lock-step failures come first: they judge one step alone.
         if current is None or (current.mode == DRIFT and div.mode == LOCKSTEP):

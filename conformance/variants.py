@@ -9,6 +9,8 @@ to a square root, no ``β^t``) produce nothing.
 =====================================  ====================================================
 ``eps-inside-sqrt``                    ``sqrt(x + ε)`` instead of ``sqrt(x) + ε``
 ``eps-squared-inside-sqrt``            ``sqrt(x + ε²)`` (optax's ``eps_root`` convention)
+``eps-clamp``                          ``max(sqrt(x), ε)`` instead of ``sqrt(x) + ε`` (heavyball's
+                                       ``m̂ / max(sqrt(v̂), ε)``)
 ``eps-before-bias-correction``         ``(sqrt(v) + ε)/sqrt(1 − β2^t)``
 ``eps-inside-sqrt-before-correction``  ``sqrt(v + ε)/sqrt(1 − β2^t)``
 ``no-eps``                             ε = 0
@@ -16,6 +18,9 @@ to a square root, no ``β^t``) produce nothing.
 ``bias-correction-from-update-count``  ``β^t`` read as ``β^(t−1)``, and as 0 at the first step
                                        (ONNX's ``T``: the number of earlier updates)
 ``no-bias-correction``                 ``β^t`` read as 0
+``no-first-moment-correction``         ``x/(1 − β1^t)`` read as ``x`` (m̂ = m)
+``no-second-moment-correction``        ``sqrt(1 − β2^t)`` read as 1 and ``v/(1 − β2^t)`` as ``v``
+                                       (an uncorrected ``sqrt(v_t)``; ρ_t keeps its ``β2^t``)
 ``step-plus-1``                        every ``t`` read as ``t + 1`` (an update count one ahead)
 ``no-weight-decay``                    λ = 0
 ``decoupled-weight-decay``             ``p·(1 − lr·λ)`` instead of ``g + λ·p``
@@ -30,6 +35,9 @@ to a square root, no ``β^t``) produce nothing.
 ``<a>+<b>[+<c>]``                      several conventions of one known implementation at
                                        once (:data:`CONVENTION_SETS`: ONNX preview Adam's)
 =====================================  ====================================================
+
+Two differences at once (RAdam with the paper's threshold *and* an uncorrected ``sqrt(v_t)``)
+are found by :func:`variant_pairs`: every variant applied on top of every other one.
 """
 
 from __future__ import annotations
@@ -43,9 +51,9 @@ from dataclasses import dataclass
 from portopt.algorithms import ALGORITHMS, get_spec
 from portopt.algorithms.common import coupled_decay_gradient, decoupled_decay
 from portopt.conformance.cases import Case
-from portopt.spec.definition import Spec
+from portopt.spec.definition import OptionValue, Spec
 from portopt.spec.errors import SpecError
-from portopt.spec.expr import Expr, G, P, T, const, eq, sqrt, square, state, walk, where
+from portopt.spec.expr import Expr, G, P, T, const, eq, maximum, sqrt, square, state, walk, where
 from portopt.spec.ops import Op
 
 Rewrite = Callable[[Expr], Expr | None]
@@ -55,12 +63,32 @@ NUMERIC_ALTERNATIVES: dict[str, tuple[float, ...]] = {"threshold": (4.0, 5.0)}
 
 @dataclass(frozen=True)
 class Variant:
-    """A named alternative computation: a spec and the group hyperparameters to run it with."""
+    """A named alternative computation: a spec and the group hyperparameters to run it with.
+
+    ``options`` and ``maximize`` are set when the variant rebuilds the spec from the
+    algorithm's factory (``threshold=4.0``, ``maximize-ignored``): another variant applied on
+    top of it must start from those, not from the case's (:func:`variant_pairs`).
+    """
 
     name: str
     description: str
     spec: Spec
     group_hypers: tuple[Mapping[str, float], ...]
+    options: tuple[tuple[str, OptionValue], ...] | None = None
+    maximize: bool | None = None
+
+
+PAIR_SEPARATOR = "+"
+"""Between the names of the parts of a variant of several differences: a pair found by
+:func:`variant_pairs` (``threshold=4.0+no-second-moment-correction``) or a known set of conventions
+(:data:`CONVENTION_SETS`)."""
+PAIR_AND = "; "
+"""Between their descriptions."""
+
+
+def difference_count(name: str) -> int:
+    """How many differences the variant called ``name`` combines (1 for a single variant)."""
+    return name.count(PAIR_SEPARATOR) + 1
 
 
 def strip(e: Expr) -> Expr:
@@ -129,6 +157,38 @@ def _eps_inside(squared: bool) -> Rewrite:
         return sqrt(x.args[0].args[0] / square(x.args[1]) + term)
 
     return rewrite
+
+
+def _eps_clamp(node: Expr) -> Expr | None:
+    split = _split_eps(node)
+    return None if split is None else maximum(split[0], split[1])
+
+
+def _one_minus_power(node: Expr, name: str) -> bool:
+    """Whether ``node`` is ``1 − h^t`` for the hyperparameter ``name``."""
+    if node.op is not Op.SUB or node.args[0].op is not Op.CONST or float(node.args[0].value or 0) != 1.0:
+        return False
+    power = node.args[1]
+    return power.op is Op.POW and _is_hyper(power.args[0], name) and power.args[1].op is Op.STEP
+
+
+def _elementwise(node: Expr) -> bool:
+    """Whether ``node`` reads a tensor (the parameter, the gradient or a state)."""
+    return any(n.op in (Op.PARAM, Op.GRAD, Op.STATE) for n in walk([node]))
+
+
+def _no_first_moment_correction(node: Expr) -> Expr | None:
+    if node.op is Op.DIV and _one_minus_power(node.args[1], "beta1"):
+        return node.args[0]
+    return None
+
+
+def _no_second_moment_correction(node: Expr) -> Expr | None:
+    if node.op is Op.SQRT and _one_minus_power(node.args[0], "beta2"):
+        return const(1.0)
+    if node.op is Op.DIV and _one_minus_power(node.args[1], "beta2") and _elementwise(node.args[0]):
+        return node.args[0]
+    return None
 
 
 def _eps_before_correction(inside: bool) -> Rewrite:
@@ -220,8 +280,8 @@ def _combined(spec: Spec) -> list[tuple[str, str, Spec]]:
                 if variant is None:
                     continue
                 whole = "" if size < len(names) else f"{source}'s conventions: "
-                text = whole + "; ".join(CONVENTIONS[n][0] for n in combo)
-                out.append(("+".join(combo), text, variant))
+                text = whole + PAIR_AND.join(CONVENTIONS[n][0] for n in combo)
+                out.append((PAIR_SEPARATOR.join(combo), text, variant))
     return out
 
 
@@ -273,12 +333,12 @@ def _no_update(spec: Spec) -> Spec | None:
         return None
 
 
-def _factory_variants(case: Case) -> list[tuple[str, str, Spec]]:
+def _factory_variants(case: Case) -> list[tuple[str, str, Spec, dict[str, OptionValue]]]:
     factory = ALGORITHMS.get(case.algorithm)
     if factory is None:
         return []  # a spec that is not from the library (a random one)
     current = case.option_map
-    out: list[tuple[str, str, Spec]] = []
+    out: list[tuple[str, str, Spec, dict[str, OptionValue]]] = []
     for name, param in inspect.signature(factory).parameters.items():
         default = param.default
         value = current.get(name, default)
@@ -295,7 +355,8 @@ def _factory_variants(case: Case) -> list[tuple[str, str, Spec]]:
                 continue
             if case.maximize:
                 spec = spec.maximized()
-            out.append((f"{name}={alt}", f"{case.algorithm} built with {name}={alt} (the case uses {value})", spec))
+            description = f"{case.algorithm} built with {name}={alt} (the case uses {value})"
+            out.append((f"{name}={alt}", description, spec, {**current, name: alt}))  # type: ignore[dict-item]
     return out
 
 
@@ -305,10 +366,16 @@ def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, f
     out: list[Variant] = []
 
     def add(
-        name: str, description: str, variant: Spec | None, hypers: tuple[Mapping[str, float], ...] = groups
+        name: str,
+        description: str,
+        variant: Spec | None,
+        hypers: tuple[Mapping[str, float], ...] = groups,
+        options: Mapping[str, OptionValue] | None = None,
+        maximize: bool | None = None,
     ) -> None:
         if variant is not None:
-            out.append(Variant(name, description, variant, hypers))
+            built = None if options is None else tuple(options.items())
+            out.append(Variant(name, description, variant, hypers, built, maximize))
 
     add(
         "eps-inside-sqrt",
@@ -317,6 +384,11 @@ def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, f
     )
     add("eps-squared-inside-sqrt", "ε² inside the square root: sqrt(x + ε²)", rewrite_spec(spec, _eps_inside(True)))
     add(
+        "eps-clamp",
+        "ε as a floor of the denominator: max(sqrt(x), ε) instead of sqrt(x) + ε (heavyball's m̂/max(sqrt(v̂), ε))",
+        rewrite_spec(spec, _eps_clamp),
+    )
+    add(
         "eps-inside-sqrt-before-correction",
         "ε inside the square root before the bias correction: sqrt(v + ε)/sqrt(1 − β2^t)",
         rewrite_spec(spec, _eps_before_correction(True)),
@@ -324,6 +396,16 @@ def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, f
     add("beta-power-t-minus-1", "bias correction β^(t−1) instead of β^t", rewrite_spec(spec, _shift_beta_power(-1.0)))
     add("beta-power-t-plus-1", "bias correction β^(t+1) instead of β^t", rewrite_spec(spec, _shift_beta_power(1.0)))
     add("no-bias-correction", "no bias correction (β^t read as 0)", rewrite_spec(spec, _shift_beta_power(None)))
+    add(
+        "no-first-moment-correction",
+        "no bias correction of the first moment (m̂ = m: x/(1 − β1^t) read as x)",
+        rewrite_spec(spec, _no_first_moment_correction),
+    )
+    add(
+        "no-second-moment-correction",
+        "an uncorrected second moment (sqrt(v_t) instead of sqrt(v_t/(1 − β2^t)))",
+        rewrite_spec(spec, _no_second_moment_correction),
+    )
     for name, (description, transform) in CONVENTIONS.items():
         add(name, description, transform(spec))
     add("decoupled-weight-decay", "decoupled weight decay p·(1 − lr·λ) instead of g + λ·p", _coupled_to_decoupled(spec))
@@ -344,9 +426,11 @@ def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, f
             "maximize-ignored",
             "maximize ignored (it descends the objective)",
             get_spec(case.algorithm, **case.option_map),
+            options=case.option_map,
+            maximize=False,
         )
-    for name, description, variant in _factory_variants(case):
-        add(name, description, variant)
+    for name, description, variant, options in _factory_variants(case):
+        add(name, description, variant, options=options, maximize=case.maximize)
     if "eps" in spec.hyper_names:
         add("no-eps", "no ε (ε = 0)", spec, tuple({**h, "eps": 0.0} for h in groups))
     if any(h.get("weight_decay", 0.0) for h in groups):
@@ -358,3 +442,46 @@ def known_variants(case: Case, spec: Spec, group_hypers: Sequence[Mapping[str, f
     for name, description, variant in _combined(spec):
         add(name, description, variant)
     return out
+
+
+def variant_pairs(case: Case, singles: Sequence[Variant]) -> list[Variant]:
+    """Every variant ``a+b`` of two differences, ``b`` applied on top of ``a``.
+
+    ``b`` is looked up among the variants of ``a``'s spec (with ``a``'s hyperparameters, and
+    ``a``'s factory options when ``a`` rebuilt the spec), so any variant of
+    :func:`known_variants` combines with any other; a factory variant comes first (it rebuilds
+    the spec). Pairs that do not combine (ε inside the square root and ε clamped: the second
+    finds no ``sqrt(x) + ε`` left), that equal one of their parts, or that a known set of
+    conventions already tried (:data:`CONVENTION_SETS`) are left out.
+    """
+    by_name = {v.name: v for v in singles if difference_count(v.name) == 1}
+    seen: set[frozenset[str]] = {frozenset(v.name.split(PAIR_SEPARATOR)) for v in singles if v.name not in by_name}
+    out: list[Variant] = []
+    for first in by_name.values():
+        base = case
+        if first.options is not None:
+            base = dataclasses.replace(case, options=first.options, maximize=bool(first.maximize))
+        for second in known_variants(base, first.spec, first.group_hypers):
+            key = frozenset((first.name, second.name))
+            if second.name == first.name or key in seen or second.name not in by_name:
+                continue
+            if by_name[second.name].options is not None and first.options is None:
+                continue  # built from the other side: the factory variant first
+            if any(_same(second, v) for v in (first, by_name[second.name])):
+                continue
+            seen.add(key)
+            out.append(
+                Variant(
+                    f"{first.name}{PAIR_SEPARATOR}{second.name}",
+                    f"{first.description}{PAIR_AND}{by_name[second.name].description}",
+                    second.spec,
+                    second.group_hypers,
+                    second.options,
+                    second.maximize,
+                )
+            )
+    return out
+
+
+def _same(a: Variant, b: Variant) -> bool:
+    return a.spec == b.spec and [dict(h) for h in a.group_hypers] == [dict(h) for h in b.group_hypers]
