@@ -364,8 +364,11 @@ def _run_distributed(args: argparse.Namespace, started: float) -> int:
     results = run_distributed(
         cases, precisions, ranks, quick=args.quick, algorithms=args.algorithm, drift=not args.no_drift
     )
-    meta = {"command": _command_line(args), "quick": args.quick, "distributed": ranks}
-    return _finish(results, args, started, meta)
+    from portopt.conformance.report import ReportWriter
+
+    meta = {"command": _command_line(), "quick": args.quick, "distributed": ranks}
+    writer = ReportWriter(args.report_dir, meta, planned=len(results)) if args.report_dir else None
+    return _finish(results, args, started, writer)
 
 
 def _record(args: argparse.Namespace) -> int:
