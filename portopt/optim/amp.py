@@ -148,6 +148,9 @@ class GroupStep:
     skip_nonfinite: bool
     after: list[Callable[[], None]] = field(default_factory=list)
     """What to do once the group is stepped: write gathered sparse rows back, complex states."""
+    prepared: list[Callable[[], None]] | None = None
+    """The backends' steps, already checked (:mod:`portopt.optim.group_cache`): what runs when the
+    gradients need no unscaling; ``None``: call the step functions."""
 
     def run_plain(self) -> None:
         """The step as torch.optim would take it: parameters and gradients as they are."""

@@ -47,6 +47,7 @@ from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.graph_step import GraphStep
 from portopt.optim import amp, complex_params, graph, sparse
 from portopt.optim import state_dict as checkpoint
+from portopt.optim.group_cache import GroupCache, cacheable, versioned
 from portopt.optim.groups import (
     check_group_tuples,
     check_group_values,
@@ -175,6 +176,7 @@ class Optimizer(torch.optim.Optimizer):
         if before_groups is not None:
             before_groups()
         super().__init__(params, defaults)
+        self.state = versioned(self.state)  # type: ignore[assignment]
 
     def _reset_caches(self) -> None:
         self._backends: dict[tuple[Any, ...], Backend] = {}
@@ -184,6 +186,7 @@ class Optimizer(torch.optim.Optimizer):
         self._graph_runs: dict[int, graph.GraphRun] = {}
         self._graph_steps: dict[tuple[Any, ...], GraphStep] = {}
         self._fused_types: list[str] | None = None
+        self._group_caches: dict[int, GroupCache] = {}
 
     def base_spec(self, group: Mapping[str, Any]) -> Spec:
         """The spec of a param group before ``maximize`` (named classes choose it by options)."""
@@ -282,7 +285,10 @@ class Optimizer(torch.optim.Optimizer):
             if self._policies.get(index) is not item.policy:  # first step, or the group's policy changed
                 amp.drop_stale_masters(item.policy, [self.state.get(p) for p in group["params"]], group["params"])
                 self._policies[index] = item.policy
-            if item.policy is amp.DEFAULT and scaling.grad_scale is None:
+            if item.prepared is not None and scaling.grad_scale is None:
+                for run in item.prepared:
+                    run()
+            elif item.policy is amp.DEFAULT and scaling.grad_scale is None:
                 item.run_plain()
             else:
                 amp.run_group(item, scaling)
@@ -306,11 +312,27 @@ class Optimizer(torch.optim.Optimizer):
         return graph.init_group(self, group, params, grads, steps, states)
 
     def _prepare(self, group: Mapping[str, Any], index: int, offset: int) -> amp.GroupStep:
-        """Check one group and choose its step functions; nothing is written."""
+        """Check one group and choose its step functions; nothing is written. A group whose structure
+        is as at its last step is only confirmed (:mod:`portopt.optim.group_cache`)."""
         spec = self.group_spec(group)
+        mode = self._mode(group)
+        cache = self._group_caches.pop(index, None)
+        if cache is not None:
+            fast = cache.prepare(self, group, spec, mode)
+            if fast is not None:
+                self._group_caches[index] = cache
+                return fast
+        item = self._prepare_fully(group, index, offset, spec, mode)
+        if cacheable(item, mode):
+            self._group_caches[index] = GroupCache(group, item, spec, mode)
+        return item
+
+    def _prepare_fully(
+        self, group: Mapping[str, Any], index: int, offset: int, spec: Spec, mode: Mode
+    ) -> amp.GroupStep:
+        """:meth:`_prepare` walking every parameter: gradients, states, checks, backends."""
         hypers = group_hypers(spec, group)
         policy = amp.resolve(group.get("precision"))
-        mode = self._mode(group)
         params: list[Tensor] = []
         grads: list[Tensor] = []
         states: list[ParamState] = []
@@ -492,6 +514,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.state = versioned(self.state)  # type: ignore[assignment]
         if not hasattr(self, "backend"):
             self.backend = "auto"
         for group in self.param_groups:
