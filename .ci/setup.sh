@@ -116,6 +116,15 @@ PY
     else
         (cd "$PORTOPT_ROOT" && "$py" -m pip install -q -e ".[onnx]") || return 1
     fi
+    # The reference implementations of CAME and SophiaG (tests only): like onnx, optional offline.
+    echo "setup.sh: pip install -e .[references]"
+    if ((reuse)); then
+        (cd "$PORTOPT_ROOT" && "$py" -m pip install -q --no-index --no-build-isolation -e ".[references]" 2>/dev/null) ||
+            (cd "$PORTOPT_ROOT" && "$py" -m pip install -q -e ".[references]" 2>/dev/null) ||
+            echo "setup.sh: came-pytorch/sophia-opt not installable here (offline?): their comparison tests are skipped" >&2
+    else
+        (cd "$PORTOPT_ROOT" && "$py" -m pip install -q -e ".[references]") || return 1
+    fi
     echo "$want $extra" >>"$stamp"
 }
 

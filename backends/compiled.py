@@ -41,6 +41,9 @@ computed nodes, or would unfold to more than :data:`MAX_INLINED` (see
 ``"auto"`` takes the generic backend, and naming ``"compiled"`` raises with the reason. The
 library's largest spec has 34 nodes and unfolds to 54.
 
+A spec that reads the tensor's shape or dtype (``numel``, ``finfo``, a state layout chosen per rank:
+Adafactor, CAME) is not served yet (``unsupported_reason``): ``"auto"`` takes the generic backend.
+
 Tensors the compiled graph does not take (fewer than 2 elements, non-contiguous, a
 factored dimension of 1, a device without a compiler) run the same generated function
 uncompiled: same arithmetic, same rounding, more memory traffic.
@@ -66,12 +69,13 @@ from portopt.backends.compiled_graphs import ChunkGraph, GraphKey
 from portopt.backends.compiled_plan import GroupPlan, PlanContext
 from portopt.backends.torch_generic import TorchStep, build_graph_step, compute_dtype
 from portopt.backends.torch_policy import PolicyStep
-from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, StepFunction
+from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, StepFunction, with_inputs
 from portopt.lowering.checks import check_hyperparameter_values, check_step_inputs
 from portopt.lowering.codegen import KernelPlan, kernel_size, plan_kernel
 from portopt.lowering.registry import register_backend
 from portopt.lowering.torch_ops import TORCH_RULES
 from portopt.precision.policy import PrecisionPolicy
+from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
 from portopt.spec.expr import walk
 from portopt.spec.ops import OP_INFO, Family, Op
@@ -294,6 +298,7 @@ class CompiledStep:
         if not params:
             check_step_inputs(self.spec, params, grads, states, hypers, allow_quantized=self.policy is not None)
             return _nothing
+        hypers = with_inputs(self.spec, hypers)
         key = (len(params), id(params[0]), id(states[0]))
         plan = self._plans.get(key)
         if plan is not None and plan.matches(params, grads, states):
@@ -330,8 +335,8 @@ class CompiledStep:
                 warnings.warn(f"portopt compiled backend: {reason}; running uncompiled", stacklevel=5)
             self._unusable.add(key)
             return None
-        built = ChunkGraph(self.plan, key, inductor_options(self.plan, key))
-        if not built.usable:
+        built = compiled_graph(self.spec, key)
+        if built is None:
             self._unusable.add(key)
             return None
         self.graphs[key] = built
@@ -366,6 +371,16 @@ class CompiledStep:
         return compute_dtype(wanted)
 
 
+@functools.lru_cache(maxsize=256)
+def compiled_graph(spec: Spec, key: GraphKey) -> ChunkGraph | None:
+    """The usable compiled chunk graph of ``spec`` for ``key``, once per process (``None`` if it cannot
+    be compiled or disagrees with the uncompiled function): optimizers and conformance runs with equal
+    specs share it instead of tracing and compiling it again."""
+    plan = plan_kernel(spec)
+    graph = ChunkGraph(plan, key, inductor_options(plan, key))
+    return graph if graph.usable else None
+
+
 def _nothing() -> None:
     """The step of an empty parameter list."""
 
@@ -376,8 +391,14 @@ def _run_plan(plan: GroupPlan, grads: list[Tensor], hypers: Hypers) -> None:
 
 
 def unsupported_reason(spec: Spec) -> str | None:
-    """``None`` if this backend compiles ``spec``'s kernel, else why not: a node kind the generated
-    kernel does not know (:data:`KNOWN_LEAVES`, :data:`KNOWN_FAMILIES`), or too large (module doc)."""
+    """``None`` if this backend compiles ``spec``'s kernel, else why not: it reads the tensor's shape, a
+    node kind the generated kernel does not know (:data:`KNOWN_LEAVES`, :data:`KNOWN_FAMILIES`), or too
+    large (module doc)."""
+    if spec.shape_dependent or any(spec.kind(n) is Kind.SHAPE for n in spec.node_kinds):
+        return (
+            f"{spec.name}: it reads the tensor's shape or dtype (numel, ndim, size, finfo or a layout chosen per "
+            "rank), which the compiled kernel does not take yet; use backend='torch'"
+        )
     for node in walk(list(spec.roots)):
         op = node.op
         known = op in KNOWN_LEAVES or (OP_INFO[op].family in KNOWN_FAMILIES and op in TORCH_RULES)

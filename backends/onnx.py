@@ -63,13 +63,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
+from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction, with_inputs
 from portopt.lowering.checks import check_step_inputs, needs_matrices
+from portopt.lowering.interpreter import tensor_facts
 from portopt.lowering.registry import register_backend
 from portopt.spec.analysis import LAYOUT_KIND, Kind, NodeInfo, classify
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, walk
 from portopt.spec.ops import OP_INFO, Family, Op
+from portopt.spec.shapes import FINFO, TensorFacts
 from portopt.spec.symbols import Layout
 
 if TYPE_CHECKING:
@@ -143,7 +145,7 @@ class StepTypes:
 
 def interface_names(spec: Spec) -> tuple[list[str], list[str]]:
     """The step model's input and output names; :class:`OnnxExportError` if one is unusable."""
-    for what, names in (("state", spec.state_names), ("hyperparameter", spec.hyper_names)):
+    for what, names in (("state", spec.state_names), ("hyperparameter", spec.hyper_names), ("input", spec.input_names)):
         for name in names:
             if not _IDENTIFIER.fullmatch(name):
                 raise OnnxExportError(
@@ -151,7 +153,7 @@ def interface_names(spec: Spec) -> tuple[list[str], list[str]]:
                     "(letters, digits and '_', not starting with a digit, at most 128 characters); rename the "
                     f"{what}"
                 )
-    inputs = [PARAM, GRAD, *spec.state_names, STEP, *spec.hyper_names]
+    inputs = [PARAM, GRAD, *spec.state_names, STEP, *spec.hyper_names, *spec.input_names]
     outputs = [PARAM + OUT_SUFFIX, *(n + OUT_SUFFIX for n in spec.state_names)]
     seen: dict[str, str] = {}
     for name in [*inputs, *outputs, *(n + INIT_SUFFIX for n in spec.state_names)]:
@@ -165,13 +167,28 @@ def interface_names(spec: Spec) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
+_RANK_FACTS = frozenset({Op.CONST, Op.NDIM, Op.FINFO})
+
+
+def shape_condition_reason(spec: Spec) -> str | None:
+    """Why a shape-dependent spec's classes cannot be told from a model's rank and dtype alone, or ``None``."""
+    for cond in spec._static:
+        leaves = {n.op for n in walk([cond]) if not n.args}
+        if not leaves <= _RANK_FACTS:
+            return (
+                f"{spec.name}: a condition on the tensor's shape reads its sizes (numel or size), which an ONNX model "
+                "of dynamic dims does not fix; only conditions on ndim and the dtype are lowered"
+            )
+    return None
+
+
 def unsupported_reason(spec: Spec) -> str | None:
     """``None`` if :func:`spec_to_onnx` can write ``spec``, else why not."""
     try:
         interface_names(spec)
     except OnnxExportError as exc:
         return str(exc)
-    return None
+    return shape_condition_reason(spec)
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,11 +293,23 @@ def _max_abs(g: _Graph, args: list[str], elem: int) -> str:
     return g.emit("Where", [has_nan, g.const(float("nan"), elem), largest])
 
 
-def _axis_mean(axis: int) -> Rule:
+def _axis(op_type: str, axis: int) -> Rule:
     def rule(g: _Graph, args: list[str], elem: int) -> str:
-        return g.reduce("ReduceMean", args[0], [axis], keepdims=1)
+        reduced = g.reduce(op_type, args[0], [axis], keepdims=1)
+        if op_type == "ReduceSum":
+            return reduced
+        # 0 over an empty axis, as the reference's rule (ONNX: NaN for a mean, -inf or an error for a max)
+        length = g.emit("Gather", [g.emit("Shape", args), g.ints([axis])])
+        empty = g.emit("Equal", [length, g.ints([0])])
+        return g.emit("Where", [empty, g.const(0.0, elem), reduced])
 
     return rule
+
+
+def _mod(g: _Graph, args: list[str], elem: int) -> str:
+    # Floored: a − floor(a/b)·b (the sign of b), as torch.remainder; ONNX's Mod is C's fmod for floats.
+    a, b = args
+    return g.emit("Sub", [a, g.emit("Mul", [g.emit("Floor", [g.emit("Div", [a, b])]), b])])
 
 
 ONNX_RULES: dict[Op, Rule] = {
@@ -313,8 +342,14 @@ ONNX_RULES: dict[Op, Rule] = {
     Op.MEAN: _mean,
     Op.NORM: _norm,
     Op.MAX_ABS: _max_abs,
-    Op.ROW_MEAN: _axis_mean(-1),
-    Op.COL_MEAN: _axis_mean(-2),
+    Op.ROW_MEAN: _axis("ReduceMean", -1),
+    Op.COL_MEAN: _axis("ReduceMean", -2),
+    Op.ROW_SUM: _axis("ReduceSum", -1),
+    Op.COL_SUM: _axis("ReduceSum", -2),
+    Op.ROW_MAX: _axis("ReduceMax", -1),
+    Op.COL_MAX: _axis("ReduceMax", -2),
+    Op.MOD: _mod,
+    Op.FLOOR: _onnx("Floor"),
 }
 """The ONNX form of every non-leaf op (the meaning is :data:`portopt.lowering.torch_ops.TORCH_RULES`'s)."""
 
@@ -403,15 +438,33 @@ class _Target:
     rank: int
     opset: int
     scalar: int
+    finfo_dtype: str = "float32"
+    """The dtype whose ``finfo`` the spec reads (the parameter's: bfloat16 travels as float32 on the wire)."""
 
 
 def _target(
-    spec: Spec, dtype: str, types: StepTypes | None, rank: int | None, opset: int, scalar_dtype: str
+    spec: Spec,
+    dtype: str,
+    types: StepTypes | None,
+    rank: int | None,
+    opset: int,
+    scalar_dtype: str,
+    finfo_dtype: str | None = None,
 ) -> _Target:
     if importlib.util.find_spec("onnx") is None:
         raise OnnxExportError(f"writing an ONNX model needs the onnx package ({INSTALL_HINT})")
     import onnx
 
+    if spec.shape_dependent:
+        reason = shape_condition_reason(spec)
+        if reason is not None:
+            raise OnnxExportError(reason)
+        if rank is None:
+            rank = 2 if needs_matrices(spec) else 1
+        if not _is_int(rank) or not 0 <= rank <= MAX_RANK:
+            raise OnnxExportError(f"rank {rank!r} is not supported: use an integer from 0 to {MAX_RANK}")
+        stored = finfo_dtype or (types.param if types is not None else dtype)
+        spec = spec.specialize(TensorFacts((2,) * rank, stored if stored in FINFO else "float32"))
     interface_names(spec)
     types = types or StepTypes.default(spec, dtype)
     for what, d in (("dtype", types.param), ("grad dtype", types.grad), *(("state dtype", d) for _, d in types.states)):
@@ -432,7 +485,7 @@ def _target(
         raise OnnxExportError(f"{spec.name} factors by rows and columns: it needs rank >= 2, got {rank}")
     if scalar_dtype not in SCALAR_DTYPES:
         raise OnnxExportError(f"scalar dtype {scalar_dtype!r} is not supported; use one of {', '.join(SCALAR_DTYPES)}")
-    return _Target(spec, types, rank, opset, _ELEM[scalar_dtype])
+    return _Target(spec, types, rank, opset, _ELEM[scalar_dtype], finfo_dtype or types.param)
 
 
 def _is_int(value: object) -> bool:
@@ -521,6 +574,24 @@ def _model(
     return model
 
 
+def _shape_leaves(graph: _Graph, target: _Target, compute: int) -> dict[Op, Callable[[Expr], str]]:
+    """The tensor's shape leaves: ``numel``/``size`` from ``param``'s dynamic shape, ``ndim`` and ``finfo`` fixed."""
+
+    def size(n: Expr) -> str:
+        axis = int(float(n.value or 0.0))
+        if not -target.rank <= axis < target.rank:
+            return graph.const(1.0, compute)  # an axis the tensor lacks has size 1
+        dims = graph.emit("Shape", [PARAM])
+        return graph.emit("Cast", [graph.emit("Gather", [dims, graph.ints([axis])])], to=compute)
+
+    return {
+        Op.NUMEL: lambda n: graph.emit("Cast", [graph.emit("Size", [PARAM])], to=compute),
+        Op.NDIM: lambda n: graph.const(float(target.rank), compute),
+        Op.SIZE: size,
+        Op.FINFO: lambda n: graph.const(FINFO[target.finfo_dtype][str(n.value)], compute),
+    }
+
+
 def spec_to_onnx(
     spec: Spec,
     *,
@@ -529,17 +600,21 @@ def spec_to_onnx(
     rank: int | None = None,
     opset: int = DEFAULT_OPSET,
     scalar_dtype: str = "float64",
+    finfo_dtype: str | None = None,
 ) -> onnx.ModelProto:
     """One step of ``spec`` for one tensor as an ONNX model (module docstring: interface, numbers).
 
     ``dtype`` is the storage dtype of the parameter, its gradient and its element-wise states
     (``types`` sets each one); ``rank`` the number of dims, each of dynamic size (``None``: 1,
     or 2 for a spec that factors by rows and columns; flatten a tensor to step it with rank 1);
-    ``opset`` the ai.onnx opset; ``scalar_dtype`` the type of the step-only arithmetic.
+    ``opset`` the ai.onnx opset; ``scalar_dtype`` the type of the step-only arithmetic;
+    ``finfo_dtype`` the dtype whose machine epsilon ``finfo`` reads (default: the parameter's). A
+    shape-dependent spec (Adafactor) is written for the shape class of its rank and dtype.
     """
     from onnx import helper
 
-    target = _target(spec, dtype, types, rank, opset, scalar_dtype)
+    target = _target(spec, dtype, types, rank, opset, scalar_dtype, finfo_dtype)
+    spec = target.spec
     inputs, outputs = interface_names(spec)
     graph = _Graph(_prefix([*inputs, *outputs]), opset)
     types = target.types
@@ -560,6 +635,8 @@ def spec_to_onnx(
         Op.STATE: lambda n: tensor_input(str(n.value), state_types[str(n.value)]),
         Op.STEP: lambda n: scalar_input(STEP),
         Op.HYPER: lambda n: scalar_input(str(n.value)),
+        Op.INPUT: lambda n: scalar_input(str(n.value)),
+        **_shape_leaves(graph, target, compute),
     }
     lowering = _Lowering(graph, classify(spec.roots, layouts, spec.name), leaves, compute, target.scalar)
     lowering.lower(spec.roots)
@@ -579,7 +656,7 @@ def spec_to_onnx(
     def info(name: str, storage: str, layout: Layout) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, _ELEM[storage], _shape(target.rank, layout))
 
-    scalar_info = [helper.make_tensor_value_info(n, _FLOAT, []) for n in (STEP, *spec.hyper_names)]
+    scalar_info = [helper.make_tensor_value_info(n, _FLOAT, []) for n in (STEP, *spec.hyper_names, *spec.input_names)]
     tensors = [(PARAM, types.param, Layout.ELEMENTWISE), (GRAD, types.grad, Layout.ELEMENTWISE)]
     tensors += [(n, state_types[n], layouts[n]) for n in spec.state_names]
     input_info = [info(n, d, layout) for n, d, layout in tensors] + scalar_info
@@ -610,6 +687,7 @@ def init_to_onnx(
     from onnx import helper
 
     target = _target(spec, dtype, types, rank, opset, scalar_dtype)
+    spec = target.spec
     if not spec.states:
         raise OnnxExportError(f"{spec.title} keeps no state: there are no initial values to write")
     inputs, outputs = interface_names(spec)
@@ -627,6 +705,10 @@ def init_to_onnx(
         Op.HYPER: lambda n: (
             str(n.value) if target.scalar == _FLOAT else graph.emit("Cast", [str(n.value)], to=target.scalar)
         ),
+        Op.INPUT: lambda n: (
+            str(n.value) if target.scalar == _FLOAT else graph.emit("Cast", [str(n.value)], to=target.scalar)
+        ),
+        **_shape_leaves(graph, target, compute),
     }
     roots = [s.init for s in spec.states]
     lowering = _Lowering(graph, classify(roots, {}, spec.name), leaves, compute, target.scalar)
@@ -645,7 +727,7 @@ def init_to_onnx(
     input_info = [
         helper.make_tensor_value_info(PARAM, _ELEM[types.param], _shape(target.rank, Layout.ELEMENTWISE)),
         helper.make_tensor_value_info(GRAD, _ELEM[types.grad], _shape(target.rank, Layout.ELEMENTWISE)),
-        *(helper.make_tensor_value_info(n, _FLOAT, []) for n in spec.hyper_names),
+        *(helper.make_tensor_value_info(n, _FLOAT, []) for n in (*spec.hyper_names, *spec.input_names)),
     ]
     output_info = [
         helper.make_tensor_value_info(s.name + INIT_SUFFIX, _ELEM[state_types[s.name]], _shape(target.rank, s.layout))
@@ -695,6 +777,7 @@ class _Signature:
     types: StepTypes
     rank: int
     device: torch.device
+    finfo_dtype: str = "float32"
 
 
 def _wire(dtype: torch.dtype) -> str:
@@ -706,7 +789,7 @@ def _wire(dtype: torch.dtype) -> str:
 def _session(spec: Spec, sig: _Signature) -> Any:
     import onnxruntime as ort
 
-    model = spec_to_onnx(spec, types=sig.types, rank=sig.rank)
+    model = spec_to_onnx(spec, types=sig.types, rank=sig.rank, finfo_dtype=sig.finfo_dtype)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # The machine's cores are shared: idle worker threads sleep instead of spinning.
@@ -737,6 +820,7 @@ class _Pending:
     state: ParamState
     new_state: dict[str, Tensor] | None
     outputs: list[Any]
+    names: tuple[str, ...]
 
 
 class OnnxStep:
@@ -756,29 +840,32 @@ class OnnxStep:
     ) -> None:
         check_step_inputs(self.spec, params, grads, states, hypers)
         spec = self.spec
-        scalars = {name: np.asarray(float(hypers[name]), dtype=np.float32) for name in spec.hyper_names}
+        hypers = with_inputs(spec, hypers)
+        names = (*spec.hyper_names, *spec.input_names)
+        scalars = {name: np.asarray(float(hypers[name]), dtype=np.float32) for name in names}
         pending: list[_Pending] = []
         with torch.no_grad():
             for param, grad, state in zip(params, grads, states, strict=True):
                 new_state = None if state else self._initial.initial_state(param, grad, hypers)
                 current = new_state if new_state is not None else state
-                tensors = [current[n] for n in spec.state_names]
+                variant = spec.specialize(tensor_facts(param))
+                tensors = [current[n] for n in variant.state_names]
                 types = StepTypes(
                     _wire(param.dtype),
                     _wire(grad.dtype),
-                    tuple((n, _wire(t.dtype)) for n, t in zip(spec.state_names, tensors, strict=True)),
+                    tuple((n, _wire(t.dtype)) for n, t in zip(variant.state_names, tensors, strict=True)),
                 )
-                session = _session(spec, _Signature(types, param.dim(), param.device))
+                session = _session(spec, _Signature(types, param.dim(), param.device, tensor_facts(param).dtype))
                 feeds = {PARAM: _to_numpy(param), GRAD: _to_numpy(grad), **scalars}
-                feeds.update({n: _to_numpy(t) for n, t in zip(spec.state_names, tensors, strict=True)})
+                feeds.update({n: _to_numpy(t) for n, t in zip(variant.state_names, tensors, strict=True)})
                 feeds[STEP] = np.asarray(float(current["step"]) + 1.0, dtype=np.float32)
-                pending.append(_Pending(param, state, new_state, session.run(None, feeds)))
+                pending.append(_Pending(param, state, new_state, session.run(None, feeds), variant.state_names))
             # Every output is computed: from here on, write (rounding once into each storage dtype).
             for item in pending:
                 if item.new_state is not None:
                     item.state.update(item.new_state)
                 item.param.copy_(torch.from_numpy(item.outputs[0]))
-                for name, value in zip(spec.state_names, item.outputs[1:], strict=True):
+                for name, value in zip(item.names, item.outputs[1:], strict=True):
                     item.state[name].copy_(torch.from_numpy(value))
             torch._foreach_add_([item.state["step"] for item in pending], 1.0)
 

@@ -49,11 +49,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype
+from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype, with_inputs
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.graph_step import GraphStep
 from portopt.lowering.host import HostValue, evaluate_host
-from portopt.lowering.interpreter import initial_state_values, state_shape
+from portopt.lowering.interpreter import initial_state_values, state_shape, tensor_facts
 from portopt.lowering.program import Instr, Program, SpecPlan
 from portopt.lowering.registry import register_backend
 from portopt.lowering.torch_ops import TORCH_RULES
@@ -115,6 +115,9 @@ class _Bucket:
     t: float
     dtype: torch.dtype
     device: torch.device
+    spec: Spec | None = None
+    """The plain spec these tensors run (their shape class's, for a shape-dependent spec)."""
+    hypers: Mapping[str, float] = field(default_factory=dict)
     params: TensorList = field(default_factory=list)
     grads: TensorList = field(default_factory=list)
     states: list[ParamState] = field(default_factory=list)
@@ -139,9 +142,26 @@ class _Runner:
         dtype = self.bucket.dtype
         return tensors if all(x.dtype == dtype for x in tensors) else [x.to(dtype) for x in tensors]
 
+    def per_tensor(self, program: Program) -> dict[Expr, TensorList]:
+        """Each per-tensor host value of ``program`` for every tensor of the bucket, as 0-d values."""
+        b = self.bucket
+        wanted = [leaf for leaf in program.leaves if leaf in program.shape_nodes]
+        if not wanted:
+            return {}
+        rows: list[list[float]] = []
+        for param in b.params:
+            values: dict[Expr, HostValue] = dict(self.host)
+            evaluate_host(program.shape_nodes, b.t, b.hypers, values, tensor_facts(param))
+            rows.append([float(values[leaf]) for leaf in wanted])
+        table = torch.tensor(rows, dtype=b.dtype).to(b.device)  # one transfer per bucket
+        return {leaf: list(table[:, j].unbind()) for j, leaf in enumerate(wanted)}
+
     def run(self, program: Program, storage: Mapping[str | None, TensorList]) -> None:
         b = self.bucket
+        self.values.update(self.per_tensor(program))
         for leaf in program.leaves:
+            if leaf in self.values:
+                continue
             if leaf.op is Op.PARAM:
                 self.values[leaf] = self.load(storage[None])
             elif leaf.op is Op.GRAD:
@@ -367,9 +387,20 @@ class TorchStep:
     def __init__(self, spec: Spec, state_dtype: StateDtype = torch_state_dtype, *, per_tensor: bool = False) -> None:
         self.spec = spec
         self.plan = SpecPlan.of(spec)
+        self.plans: dict[Spec, SpecPlan] = {spec: self.plan}
         self.state_dtype = state_dtype
         self.per_tensor = per_tensor
         """One parameter per bucket and single-tensor calls (``foreach=False``)."""
+
+    def variant(self, param: Tensor) -> Spec:
+        """The plain spec ``param`` runs (its shape class's, for a shape-dependent spec)."""
+        return self.spec.specialize(tensor_facts(param)) if self.spec.shape_dependent else self.spec
+
+    def plan_for(self, spec: Spec) -> SpecPlan:
+        plan = self.plans.get(spec)
+        if plan is None:
+            plan = self.plans[spec] = SpecPlan.of(spec)
+        return plan
 
     def __call__(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
@@ -382,6 +413,7 @@ class TorchStep:
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
     ) -> None:
         """The step without :func:`~portopt.lowering.checks.check_step_inputs` (run it first)."""
+        hypers = with_inputs(self.spec, hypers)
         host_hypers = {name: float(value) for name, value in hypers.items()}
         for param, grad, state in zip(params, grads, states, strict=True):
             if not state:
@@ -391,15 +423,17 @@ class TorchStep:
 
     def initial_state(self, param: Tensor, grad: Tensor, hypers: Hypers) -> dict[str, Tensor]:
         """The states of a parameter before its first step, and ``step`` = 0."""
-        return self.new_state(param, grad, hypers, {d.name: self.state_dtype(d, param) for d in self.spec.states})
+        decls = self.variant(param).states
+        return self.new_state(param, grad, hypers, {d.name: self.state_dtype(d, param) for d in decls})
 
     def new_state(
         self, param: Tensor, grad: Tensor, hypers: Hypers, dtypes: Mapping[str, torch.dtype]
     ) -> dict[str, Tensor]:
-        """Every state at its initial value in ``dtypes[name]``, and ``step`` = 0."""
+        """Every state ``param`` has at its initial value in ``dtypes[name]``, and ``step`` = 0."""
         state: dict[str, Tensor] = {}
         general: list[StateDecl] = []
-        for decl in self.spec.states:
+        spec = self.variant(param)
+        for decl in spec.states:
             dtype = dtypes[decl.name]
             init = decl.init
             if init.op in (Op.CONST, Op.HYPER):
@@ -413,7 +447,8 @@ class TorchStep:
                 general.append(decl)
         if general:
             opmath = compute_dtype([param.dtype, grad.dtype])
-            values = initial_state_values(self.spec, TORCH_RULES, param.to(opmath), grad.to(opmath), hypers)
+            facts = tensor_facts(param)
+            values = initial_state_values(spec, TORCH_RULES, param.to(opmath), grad.to(opmath), hypers, facts)
             for decl in general:
                 dtype = dtypes[decl.name]
                 if decl.layout is Layout.ELEMENTWISE:
@@ -425,17 +460,17 @@ class TorchStep:
         return state
 
     def buckets(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState]) -> list[_Bucket]:
-        """Group the parameters by device, dtypes and next step value."""
-        names = self.spec.state_names
+        """Group the parameters by device, dtypes, shape class and next step value."""
         buckets: dict[tuple[object, ...], _Bucket] = {}
         for param, grad, state in zip(params, grads, states, strict=True):
             t = float(state["step"]) + 1.0
-            state_dtypes = tuple(state[n].dtype for n in names)
-            key = (param.device, param.dtype, grad.dtype, state_dtypes, t, len(buckets) if self.per_tensor else 0)
+            spec = self.variant(param)
+            state_dtypes = tuple(state[n].dtype for n in spec.state_names)
+            key = (param.device, param.dtype, grad.dtype, state_dtypes, t, spec, len(buckets) if self.per_tensor else 0)
             bucket = buckets.get(key)
             if bucket is None:
                 dtype = compute_dtype([param.dtype, grad.dtype, *state_dtypes])
-                bucket = buckets[key] = _Bucket(t, dtype, param.device)
+                bucket = buckets[key] = _Bucket(t, dtype, param.device, spec)
             bucket.params.append(param)
             bucket.grads.append(grad)
             bucket.states.append(state)
@@ -446,13 +481,16 @@ class TorchStep:
         return _LoopRunner(bucket, host) if self.per_tensor else _Runner(bucket, host)
 
     def step_bucket(self, bucket: _Bucket, hypers: Mapping[str, float]) -> None:
+        spec = bucket.spec or self.spec
+        plan = self.plan_for(spec)
+        bucket.hypers = hypers
         host: dict[Expr, HostValue] = {}
-        evaluate_host(self.plan.host_nodes, bucket.t, hypers, host)
+        evaluate_host(plan.host_nodes, bucket.t, hypers, host)
         grad_writable = bucket.grads[0].dtype != bucket.dtype
-        program = self.plan.program(host, grad_writable)
+        program = plan.program(host, grad_writable)
         evaluate_host(program.host_nodes, bucket.t, hypers, host)
         storage: dict[str | None, TensorList] = {None: bucket.params}
-        for name in self.spec.state_names:
+        for name in spec.state_names:
             storage[name] = [s[name] for s in bucket.states]
         self.runner(bucket, host).run(program, storage)
         if self.per_tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from portopt.backends.torch_generic import TensorList, TorchStep, Value, _Bucket, _Runner, compute_dtype
-from portopt.lowering.backend import Hypers, ParamState
+from portopt.lowering.backend import Hypers, ParamState, with_inputs
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.host import HostValue
 from portopt.precision.policy import PrecisionPolicy
@@ -114,6 +114,7 @@ class PolicyStep(TorchStep):
         indices: Sequence[int] | None = None,
     ) -> None:
         """The step without the input checks (run them first)."""
+        hypers = with_inputs(self.spec, hypers)
         host_hypers = {name: float(value) for name, value in hypers.items()}
         dtypes = list(param_dtypes) if param_dtypes is not None else [p.dtype for p in params]
         for param, grad, state, dtype in zip(params, grads, states, dtypes, strict=True):
@@ -131,7 +132,7 @@ class PolicyStep(TorchStep):
         model_dtype = param_dtype or param.dtype
         formats = {
             d.name: state_format(self.policy, d, param.shape, model_dtype, nonnegative=d.name in self.nonnegative)
-            for d in self.spec.states
+            for d in self.variant(param).states
         }
         compute = self.policy.compute_dtype_for(model_dtype)
         state: dict[str, Any] = self.new_state(
@@ -151,20 +152,21 @@ class PolicyStep(TorchStep):
         states: Sequence[ParamState],
         indices: Sequence[int] | None = None,
     ) -> list[_Bucket]:
-        """Group by device, dtypes (8-bit states apart) and next step value; keep the parameter numbers."""
-        names = self.spec.state_names
+        """Group by device, dtypes (8-bit states apart), shape class and next step value; keep the parameter
+        numbers."""
         numbers = list(indices) if indices is not None else list(range(len(params)))
         buckets: dict[tuple[object, ...], _Bucket] = {}
         for param, grad, state, number in zip(params, grads, states, numbers, strict=True):
             t = float(state["step"]) + 1.0
-            stored: list[Any] = [state[n] for n in names]
+            spec = self.variant(param)
+            stored: list[Any] = [state[n] for n in spec.state_names]
             forms = tuple(_QUANTIZED if isinstance(s, Q8State) else s.dtype for s in stored)
-            key = (param.device, param.dtype, grad.dtype, forms, t)
+            key = (param.device, param.dtype, grad.dtype, forms, t, spec)
             bucket = buckets.get(key)
             if bucket is None:
                 plain = [f for f in forms if isinstance(f, torch.dtype)]
                 dtype = compute_dtype([param.dtype, grad.dtype, *plain, self.policy.compute_dtype_for(param.dtype)])
-                bucket = buckets[key] = _Bucket(t, dtype, param.device)
+                bucket = buckets[key] = _Bucket(t, dtype, param.device, spec)
             bucket.params.append(param)
             bucket.grads.append(grad)
             bucket.states.append(state)
@@ -177,6 +179,8 @@ class PolicyStep(TorchStep):
         if self.policy.stochastic_rounding:
             step, count = int(bucket.t), len(self.slots)
             for name, slot in self.slots.items():
+                if name is not None and name not in bucket.states[0]:
+                    continue  # a state these tensors do not have (shape class)
                 first: object = bucket.params[0] if name is None else bucket.states[0][name]
                 if isinstance(first, Tensor) and first.dtype == torch.bfloat16:
                     keys[name] = [self.policy.rounding_key(step, i * count + slot) for i in bucket.indices]

@@ -45,12 +45,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from portopt.lowering.interpreter import host_scalar, state_shape
+from portopt.lowering.backend import with_inputs
+from portopt.lowering.host import shape_leaf_value
+from portopt.lowering.interpreter import host_scalar, state_shape, tensor_facts
 from portopt.lowering.torch_ops import TORCH_RULES
 from portopt.spec.analysis import classify
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, walk
-from portopt.spec.ops import OP_INFO, Family, Op
+from portopt.spec.ops import OP_INFO, SHAPE_LEAVES, Family, Op
+from portopt.spec.shapes import TensorFacts
 
 F64 = torch.float64
 INF = math.inf
@@ -119,8 +122,10 @@ class BoundEvaluator:
         states: Mapping[str, Bounded],
         scalar_memo: dict[Expr, Bounded] | None = None,
         param_drift: Tensor | None = None,
+        facts: TensorFacts | None = None,
     ) -> None:
         self.spec = spec
+        self.facts = facts if facts is not None else tensor_facts(param)
         self.u = u
         self.param, self.grad, self.step = param, grad, step
         self.hypers, self.states = hypers, states
@@ -152,9 +157,11 @@ class BoundEvaluator:
             # step counter with it (SGD's where(t == 1, ...)) is certain, not within rounding of either branch.
             exact = float(v.to(torch.float32)) == float(v)
             return Bounded(v, _ZERO if exact else self.u * v.abs(), zero)
-        if op is Op.HYPER:
+        if op is Op.HYPER or op is Op.INPUT:
             v = host_scalar(self.hypers[str(node.value)])
             return Bounded(v, self.u * v.abs(), zero)
+        if op in SHAPE_LEAVES:  # integers and powers of two: exact in every format
+            return Bounded.exact(host_scalar(shape_leaf_value(node, self.facts)), zero)
         if op is Op.STEP:
             return Bounded.exact(host_scalar(self.step), zero)
         if op is Op.PARAM:
@@ -304,14 +311,33 @@ def _max_abs(v: Tensor, x: list[Bounded], u: float) -> Tensor:
     return worst
 
 
-def _axis_mean(dim: int) -> ErrorRule:
+def _axis(reduce: str, dim: int) -> ErrorRule:
     def rule(v: Tensor, x: list[Bounded], u: float) -> Tensor:
         a = x[0].value
         n = a.shape[dim]
-        total = _full(x[0]).sum(dim=dim, keepdim=True) + _gamma(n, u) * a.abs().sum(dim=dim, keepdim=True)
-        return total / max(n, 1)
+        e = _full(x[0])
+        if reduce == "max":
+            return e.amax(dim=dim, keepdim=True) if n else torch.zeros_like(v)
+        total = e.sum(dim=dim, keepdim=True) + _gamma(n, u) * a.abs().sum(dim=dim, keepdim=True)
+        return total / max(n, 1) if reduce == "mean" else total
 
     return rule
+
+
+def _mod(v: Tensor, x: list[Bounded], u: float) -> Tensor:
+    # a − floor(a/b)·b: continuous away from the jumps; a jump (the quotient within its error of an
+    # integer) may land anywhere in [0, |b|).
+    (a, ea), (b, eb) = ((t.value, t.error) for t in x)
+    q = a / b
+    near = ((q - torch.round(q)).abs() * b.abs() <= ea + q.abs() * eb) & ((ea + eb) > 0)
+    smooth = ea + torch.floor(q).abs() * eb + u * v.abs()
+    return torch.where(near, b.abs() + eb, smooth)
+
+
+def _floor(v: Tensor, x: list[Bounded], u: float) -> Tensor:
+    a, ea = x[0].value, x[0].error
+    jumps = (torch.floor(a - ea) != torch.floor(a + ea)) & (ea > 0)
+    return torch.where(jumps, torch.ones_like(v), torch.zeros_like(v))
 
 
 _ERROR_RULES: dict[Op, ErrorRule] = {
@@ -334,16 +360,30 @@ _ERROR_RULES: dict[Op, ErrorRule] = {
     Op.MEAN: _mean,
     Op.NORM: _norm,
     Op.MAX_ABS: _max_abs,
-    Op.ROW_MEAN: _axis_mean(-1),
-    Op.COL_MEAN: _axis_mean(-2),
+    Op.ROW_MEAN: _axis("mean", -1),
+    Op.COL_MEAN: _axis("mean", -2),
+    Op.ROW_SUM: _axis("sum", -1),
+    Op.COL_SUM: _axis("sum", -2),
+    Op.ROW_MAX: _axis("max", -1),
+    Op.COL_MAX: _axis("max", -2),
+    Op.MOD: _mod,
+    Op.FLOOR: _floor,
 }
 
 
 def initial_states(
-    spec: Spec, u: float, param: Tensor, grad: Tensor, hypers: Mapping[str, float | Tensor]
+    spec: Spec,
+    u: float,
+    param: Tensor,
+    grad: Tensor,
+    hypers: Mapping[str, float | Tensor],
+    facts: TensorFacts | None = None,
 ) -> dict[str, Bounded]:
-    """Each state's initial value and bound, broadcast to its storage shape."""
-    ev = BoundEvaluator(spec, u, param, grad, 0.0, hypers, {})
+    """Each state's initial value and bound, broadcast to its storage shape (the states of the tensor's shape
+    class: ``facts``, default ``param``'s)."""
+    facts = facts if facts is not None else tensor_facts(param)
+    spec = spec.specialize(facts)
+    ev = BoundEvaluator(spec, u, param, grad, 0.0, with_inputs(spec, hypers), {}, facts=facts)
     return {decl.name: ev(decl.init).expanded(state_shape(decl, param.shape)) for decl in spec.states}
 
 
@@ -357,13 +397,17 @@ def bounded_step(
     states: Mapping[str, Bounded],
     scalar_memo: dict[Expr, Bounded] | None = None,
     param_drift: Tensor | None = None,
+    facts: TensorFacts | None = None,
 ) -> tuple[dict[str, Bounded], Bounded]:
     """New value and bounds of every state and of the parameter (float64, nothing written).
 
     ``scalar_memo`` may be shared by the tensors of one param group at one step; with
     ``param_drift`` (and the states' drifts) the free-running bound is propagated too.
     """
-    ev = BoundEvaluator(spec, u, param, grad, step, hypers, states, scalar_memo, param_drift)
+    facts = facts if facts is not None else tensor_facts(param)
+    spec = spec.specialize(facts)
+    hypers = with_inputs(spec, hypers)
+    ev = BoundEvaluator(spec, u, param, grad, step, hypers, states, scalar_memo, param_drift, facts)
     new_states = {name: ev(expr).expanded(tuple(states[name].value.shape)) for name, expr in spec.updates}
     return new_states, ev(spec.param_update).expanded(tuple(param.shape))
 

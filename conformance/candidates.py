@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from portopt.algorithms import ALGORITHMS
+from portopt.algorithms import ALGORITHMS, REGISTRY
 from portopt.conformance.cases import FOUND_INF, Case
 from portopt.conformance.precision import Precision, frontend_accepts, policy_unavailable_reason
 from portopt.lowering.backend import Backend, ParamState, StepFunction
@@ -355,7 +355,7 @@ def group_arguments(spec: Spec, hypers: Mapping[str, float]) -> dict[str, Any]:
         else:
             tuples.setdefault(h.key, {})[h.group_index] = hypers[h.name]
     for key, items in tuples.items():
-        out[key] = tuple(items[i] for i in sorted(items))
+        out[key] = tuple(items.get(i) for i in range(max(items) + 1))  # an unread entry is None (Adafactor's eps)
     return out
 
 
@@ -423,18 +423,16 @@ class OptimizerAdapter:
         return OptimizerInstance(optimizer, setup.params, self.state_names)
 
 
-TORCH_OPTIM_CLASSES: dict[str, str] = {
-    "sgd": "SGD",
-    "adam": "Adam",
-    "adamw": "AdamW",
-    "adagrad": "Adagrad",
-    "rmsprop": "RMSprop",
-    "nadam": "NAdam",
-    "adamax": "Adamax",
-    "radam": "RAdam",
-}
-"""torch.optim's class for each of our algorithms that torch has."""
-PORTOPT_CLASSES: dict[str, str] = {**TORCH_OPTIM_CLASSES, "adabelief": "AdaBelief", "lamb": "LAMB", "lion": "Lion"}
+def _torch_optim_classes() -> dict[str, str]:
+    import torch.optim
+
+    return {a.name: a.torch_class for a in REGISTRY.values() if a.torch_class and hasattr(torch.optim, a.torch_class)}
+
+
+TORCH_OPTIM_CLASSES: dict[str, str] = _torch_optim_classes()
+"""torch.optim's class for each of our algorithms that torch has (the registry's ``torch_class``, where this
+torch provides it: torch.optim.Adafactor is new in torch 2.5)."""
+PORTOPT_CLASSES: dict[str, str] = {a.name: a.class_name for a in REGISTRY.values() if a.class_name}
 
 
 @dataclass(frozen=True)

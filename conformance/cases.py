@@ -7,7 +7,7 @@ enough to matter, ...). Hyperparameters are chosen so that every term is visible
 weight decay of 0.1 rather than 0.01, learning rates that move bfloat16 parameters by
 about one ulp per step. An algorithm of the library that the table does not know gets a
 default case and, if it has one, a weight-decay case, so a new algorithm is covered the
-day it lands. Rows marked ``quick=False`` run only in the full set: the quick set keeps
+day it lands; an algorithm may declare its own rows with its registration (``cases=``). Rows marked ``quick=False`` run only in the full set: the quick set keeps
 every algorithm with one or more rows that exercise its options (17 cases, 8 steps, the
 small problem), the full set runs every row on the full problem for 40 steps, plus a
 problem of more than a million elements, non-finite gradients, and the skip-step case.
@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from portopt.algorithms import ALGORITHMS, get_spec
+from portopt.algorithms import ALGORITHMS, REGISTRY, get_spec
 from portopt.conformance.problems import FULL, LARGE, NONFINITE, QUICK, Problem
 from portopt.spec.definition import OptionValue, Spec
 from portopt.spec.symbols import Layout
@@ -184,6 +184,9 @@ def _factory_defaults(algorithm: str) -> dict[str, object]:
 def _entries(algorithm: str) -> tuple[Entry, ...]:
     if algorithm in CASE_TABLE:
         return CASE_TABLE[algorithm]
+    rows = REGISTRY[algorithm].cases if algorithm in REGISTRY else ()
+    if rows:  # declared with the algorithm (portopt.algorithms.registry.CaseRow)
+        return tuple(Entry(dict(r.options), dict(r.hypers), r.maximize, r.quick, r.note) for r in rows)
     spec = get_spec(algorithm)
     entries = [Entry(note="default case (the algorithm is not in CASE_TABLE)")]
     if "weight_decay" in spec.hyper_names:
@@ -192,7 +195,8 @@ def _entries(algorithm: str) -> tuple[Entry, ...]:
 
 
 def _problem_for(spec: Spec, problem: Problem) -> Problem:
-    factored = any(s.layout in (Layout.ROW, Layout.COL) for s in spec.states)
+    # Matrices only when a factored state exists for every tensor (Adafactor's exist only where ndim >= 2).
+    factored = any(s.layout in (Layout.ROW, Layout.COL) and s.when is None for s in spec.states)
     return problem.matrices_only() if factored else problem
 
 
@@ -247,3 +251,36 @@ def find_case(name: str, cases: Iterable[Case]) -> Case:
         return table[name]
     except KeyError:
         raise ValueError(f"unknown case {name!r}; cases: {', '.join(sorted(table))}") from None
+
+
+def spec_cases(spec: Spec, quick: bool = True) -> list[Case]:
+    """Cases for a spec that is not in the library (``portopt conformance --spec module:factory``).
+
+    The default row and, where the spec has one, a weight-decay row, on the quick or full problem
+    (matrices only where every tensor keeps a factored state); the spec travels with each case
+    (``spec_json``), so every implementation and the reference run exactly it.
+    """
+    from portopt.spec.serialize import spec_to_json
+
+    text = spec_to_json(spec)
+    entries = [Entry(note=f"a spec of your own ({spec.name})")]
+    if "weight_decay" in spec.hyper_names:
+        entries.append(Entry(hypers={"weight_decay": 0.1}, note="weight decay"))
+    problem = _problem_for(spec, QUICK if quick else FULL)
+    steps = QUICK_STEPS if quick else FULL_STEPS
+    cases = []
+    for entry in entries:
+        label = "[wd=0.1]" if entry.hypers else ""
+        cases.append(
+            Case(
+                name=f"{spec.name}{label}/{problem.name}",
+                algorithm=spec.name,
+                options=tuple(spec.options),
+                hypers=tuple(entry.hypers.items()),
+                problem=problem,
+                steps=steps,
+                note=entry.note,
+                spec_json=text,
+            )
+        )
+    return cases

@@ -25,8 +25,10 @@ from torch import Tensor
 from portopt.conformance.bounds import Bounded, bounded_step, initial_states
 from portopt.conformance.precision import Precision, smallest_normal, ulp
 from portopt.conformance.problems import TensorSpec
+from portopt.lowering.interpreter import tensor_facts
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr
+from portopt.spec.shapes import TensorFacts
 
 F64 = torch.float64
 
@@ -153,11 +155,13 @@ class Reference:
             t = x.steps[i] + 1
             extra = None if extra_states is None else extra_states[i]
             drift = x.drift[i] if track_drift else None
-            inputs = self._inputs(spec, x.params[i], grad, hypers, held, extra, drift)
+            facts = tensor_facts(x.params[i], self.param_dtype)
+            tensor_spec = spec.specialize(facts)  # its shape class's states (Adafactor's factors for matrices)
+            inputs = self._inputs(tensor_spec, x.params[i], grad, hypers, held, extra, drift, facts)
             memo = scalars.setdefault((group, t), {})
             param_drift = None if drift is None else drift[PARAM]
             new_states, new_param = bounded_step(
-                spec, self.u, x.params[i], grad, float(t), hypers, inputs, memo, param_drift
+                tensor_spec, self.u, x.params[i], grad, float(t), hypers, inputs, memo, param_drift, facts
             )
             outcomes.append(Outcome(True, new_param, new_states, t))
         return outcomes
@@ -171,9 +175,10 @@ class Reference:
         held: Mapping[str, Tensor] | None,
         extra: Mapping[str, Tensor] | None,
         drift: Mapping[str, Tensor] | None,
+        facts: TensorFacts | None = None,
     ) -> dict[str, Bounded]:
         if held is None:
-            return self._fresh(spec, param, grad, hypers, drift is not None)
+            return self._fresh(spec, param, grad, hypers, drift is not None, facts)
         inputs: dict[str, Bounded] = {}
         for name in spec.state_names:
             if name in held:
@@ -181,16 +186,22 @@ class Reference:
             elif extra is not None and name in extra:
                 inputs[name] = Bounded.exact(extra[name].detach().to(device="cpu", dtype=F64))
             else:
-                inputs[name] = self._fresh(spec, param, grad, hypers, drift is not None)[name]
+                inputs[name] = self._fresh(spec, param, grad, hypers, drift is not None, facts)[name]
         return inputs
 
     def _fresh(
-        self, spec: Spec, param: Tensor, grad: Tensor, hypers: Mapping[str, float], track_drift: bool
+        self,
+        spec: Spec,
+        param: Tensor,
+        grad: Tensor,
+        hypers: Mapping[str, float],
+        track_drift: bool,
+        facts: TensorFacts | None = None,
     ) -> dict[str, Bounded]:
         """Initial states rounded to the storage format; the rounding is an input error in both
         bounds, since an implementation may create them more (or less) precisely."""
         out: dict[str, Bounded] = {}
-        for name, b in initial_states(spec, self.u, param, grad, hypers).items():
+        for name, b in initial_states(spec, self.u, param, grad, hypers, facts).items():
             stored = round_to(b.value, self.state_dtype)
             rounding = (stored - b.value).abs() + b.error
             out[name] = Bounded(stored, rounding, rounding if track_drift else None)

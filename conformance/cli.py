@@ -3,7 +3,8 @@
 ::
 
     portopt conformance [--quick] [--backend NAME ...] [--impl IMPL ...] [--device DEV ...]
-                        [--precision P ...] [--algorithm A ...] [--case PATTERN ...] [--report-dir DIR]
+                        [--precision P ...] [--algorithm A ...] [--spec MODULE:FACTORY ...]
+                        [--case PATTERN ...] [--report-dir DIR]
     portopt conformance record --out FILE [--quick] [--algorithm A ...] [--case PATTERN ...]
     portopt conformance check --golden FILE [--backend ...] [--impl ...] [--device ...] [--precision ...]
     portopt conformance list
@@ -109,6 +110,13 @@ def _add_case_set(parser: argparse.ArgumentParser, suppress: bool = False) -> No
         default=argparse.SUPPRESS if suppress else False,
         help="the quick set (a few cases per algorithm, small problems, 8 steps) instead of the full one",
     )
+    parser.add_argument(
+        "--spec",
+        action="append",
+        default=argparse.SUPPRESS if suppress else None,
+        metavar="MODULE:FACTORY",
+        help="also (or, without --algorithm, only) a spec of your own: FACTORY() in MODULE (repeatable)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,10 +144,14 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _cases(args: argparse.Namespace) -> list[Case]:
-    from portopt.conformance.cases import build_cases
+    from portopt.cli_options import load_user_spec
+    from portopt.conformance.cases import build_cases, spec_cases
 
     try:
-        cases = build_cases(args.algorithm, quick=args.quick)
+        specs = [load_user_spec(target) for target in args.spec or ()]
+        cases = build_cases(args.algorithm, quick=args.quick) if args.algorithm or not specs else []
+        for spec in specs:
+            cases += spec_cases(spec, quick=args.quick)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.case:
@@ -355,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
     command = getattr(args, "conformance_command", None)
     for name, default in (
         ("algorithm", None),
+        ("spec", None),
         ("quick", False),
         ("case", None),
         ("no_drift", False),

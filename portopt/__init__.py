@@ -12,60 +12,38 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_OPTIMIZERS = (
-    "Optimizer",
-    "SGD",
-    "Adagrad",
-    "RMSprop",
-    "Adam",
-    "AdamW",
-    "NAdam",
-    "Adamax",
-    "RAdam",
-    "AdaBelief",
-    "LAMB",
-    "Lion",
-    "SparseAdam",
-)
 
-__all__ = [
-    "LAMB",
-    "SGD",
-    "AdaBelief",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "Lion",
-    "NAdam",
-    "Optimizer",
-    "RAdam",
-    "RMSprop",
-    "SparseAdam",
-    "__version__",
-]
+def _optimizer_names() -> tuple[str, ...]:
+    """``Optimizer`` and the front-end class of every registered algorithm (read from the registry: adding an
+    algorithm does not touch this file; importing the registry does not import torch)."""
+    from portopt.algorithms import REGISTRY
 
-if TYPE_CHECKING:
-    from portopt.optim import (
-        LAMB,
-        SGD,
-        AdaBelief,
-        Adagrad,
-        Adam,
-        Adamax,
-        AdamW,
-        Lion,
-        NAdam,
-        Optimizer,
-        RAdam,
-        RMSprop,
-        SparseAdam,
-    )
+    return ("Optimizer", *sorted(a.class_name for a in REGISTRY.values() if a.class_name))
+
+
+_OPTIMIZERS = _optimizer_names()
+__all__ = [*_OPTIMIZERS, "__version__"]
+
+
+if TYPE_CHECKING:  # the hand-written classes, typed (the others resolve through the registry)
+    from portopt.optim import LAMB as LAMB
+    from portopt.optim import SGD as SGD
+    from portopt.optim import AdaBelief as AdaBelief
+    from portopt.optim import Adagrad as Adagrad
+    from portopt.optim import Adam as Adam
+    from portopt.optim import Adamax as Adamax
+    from portopt.optim import AdamW as AdamW
+    from portopt.optim import Lion as Lion
+    from portopt.optim import NAdam as NAdam
+    from portopt.optim import Optimizer as Optimizer
+    from portopt.optim import RAdam as RAdam
+    from portopt.optim import RMSprop as RMSprop
+    from portopt.optim import SparseAdam as SparseAdam
 
 
 def __getattr__(name: str) -> Any:
     if name in _OPTIMIZERS:
-        value = getattr(importlib.import_module("portopt.optim"), name)
+        value = getattr(importlib.import_module("portopt.optim"), name)  # registry classes resolve lazily there
         globals()[name] = value
         return value
     raise AttributeError(f"module 'portopt' has no attribute {name!r}")

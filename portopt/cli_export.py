@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from portopt.cli import Subcommand, UsageError
-from portopt.cli_show import spec_from_args
+from portopt.cli_show import add_spec_source, spec_of
 from portopt.spec.definition import Spec
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "state by name, step (float32, 1 at the first step), each hyperparameter (float32 scalars); outputs "
         "param_out and <state>_out. Any ONNX runtime runs it (onnxruntime: InferenceSession(FILE).run).",
     )
-    onnx.add_argument("algorithm", help="algorithm name (see `portopt list`)")
+    add_spec_source(onnx)
     onnx.add_argument("--output", required=True, metavar="FILE", help="the .onnx file to write")
     onnx.add_argument(
         "-o",
@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _spec(args: argparse.Namespace) -> Spec:
-    """The spec named on the command line (the one place a ``--spec module:factory`` source would add)."""
-    return spec_from_args(args.algorithm, args.option)
+    """The spec named on the command line: an algorithm, or ``--spec module:factory``."""
+    return spec_of(args)
 
 
 def run(args: argparse.Namespace) -> int:

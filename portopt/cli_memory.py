@@ -6,11 +6,11 @@ import argparse
 import math
 
 from portopt.cli import Subcommand, UsageError
-from portopt.cli_show import spec_from_args
+from portopt.cli_show import add_spec_source, spec_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("algorithm", help="algorithm name (see `portopt list`)")
+    add_spec_source(parser)
     parser.add_argument(
         "-o", "--option", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="structural options"
     )
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from portopt.precision.memory import MemoryBreakdown, bytes_per_parameter, memory_for_params
     from portopt.precision.policy import DTYPE_NAMES, PolicyError, parse_policy
 
-    spec = spec_from_args(args.algorithm, args.option)
+    spec = spec_of(args)
     texts: list[str] = args.policy or ["torch"]
     if args.params is not None and not (math.isfinite(args.params) and args.params >= 0):
         raise UsageError(f"--params: {args.params} is not a non-negative number")

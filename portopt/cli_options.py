@@ -7,8 +7,11 @@ from the code; ``maximize`` is accepted by every algorithm (it is :meth:`Spec.ma
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
+import os
+import sys
 from collections.abc import Mapping
 
 from portopt.algorithms import ALGORITHMS, SpecFactory, algorithm_names
@@ -102,3 +105,40 @@ def option_variants(name: str) -> list[dict[str, OptionValue]]:
             continue  # a combination the algorithm refuses (Nesterov without momentum)
         variants.append(options)
     return variants
+
+
+def load_user_spec(target: str, options: Mapping[str, OptionValue] | None = None) -> Spec:
+    """The spec of ``module:factory`` (``factory(**options)``; a :class:`Spec` attribute is taken as it is).
+
+    The current directory is searched first, as ``python -m`` does, so ``--spec mymod:make`` finds
+    ``./mymod.py``. Every problem is a :class:`ValueError` that says what was wrong.
+    """
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"--spec {target!r}: write it as module:factory (e.g. mymod:make)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--spec {target!r}: cannot import module {module_name!r}: {exc}") from None
+    try:
+        found = getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(f"--spec {target!r}: module {module_name!r} has no {attribute!r}") from None
+    values = dict(options or {})
+    maximize = bool(values.pop("maximize", False))
+    if isinstance(found, Spec):
+        if values:
+            raise ValueError(f"--spec {target!r} is a Spec, not a factory: it takes no options ({', '.join(values)})")
+        spec = found
+    elif callable(found):
+        try:
+            spec = found(**values)
+        except (TypeError, ValueError) as exc:  # SpecError is a ValueError
+            raise ValueError(f"--spec {target!r}: {type(exc).__name__}: {exc}") from None
+    else:
+        raise ValueError(f"--spec {target!r}: {attribute!r} is a {type(found).__name__}, not a spec factory")
+    if not isinstance(spec, Spec):
+        raise ValueError(f"--spec {target!r} returned a {type(spec).__name__}, not a portopt Spec")
+    return spec.maximized() if maximize else spec

@@ -21,10 +21,12 @@ from portopt.conformance.cases import CASE_TABLE, build_cases
 from portopt.conformance.precision import PRECISIONS, significand_bits, ulp, unit_roundoff
 from portopt.conformance.problems import FULL, LARGE, QUICK, Layout, Regime, materialise
 from portopt.conformance.tolerance import Override, compare, resolve
+from portopt.lowering.backend import with_inputs
 from portopt.lowering.interpreter import Bindings, Evaluator, initial_state_values
 from portopt.lowering.torch_ops import TORCH_RULES
 from portopt.spec import G, P, Spec, hyper, sign
 from portopt.spec.ops import Op
+from portopt.spec.shapes import TensorFacts
 from portopt.spec.symbols import Hyperparameter
 
 INT_VIEW = {
@@ -89,19 +91,23 @@ def _float32_step(
     spec: Spec, p: torch.Tensor, g: torch.Tensor, t: float, hypers: dict[str, float], states: dict[str, torch.Tensor]
 ):
     f32 = torch.float32
-    hyp32 = {k: torch.tensor(v, dtype=f32) for k, v in hypers.items()}
+    facts = TensorFacts(tuple(p.shape), "float32")
+    spec = spec.specialize(facts)  # the tensor's shape class (Adafactor's factors for a matrix)
+    hyp32 = {k: torch.tensor(v, dtype=f32) for k, v in with_inputs(spec, hypers).items()}
 
     class Ev32(Evaluator):
         def _compute(self, node):  # every leaf in float32, every op on float32 tensors
             if node.op is Op.CONST:
                 return torch.tensor(float(node.value or 0.0), dtype=f32)
-            if node.op is Op.HYPER:
+            if node.op in (Op.HYPER, Op.INPUT):
                 return hyp32[str(node.value)]
             if node.op is Op.STEP:
                 return torch.tensor(t, dtype=f32)
             return super()._compute(node)
 
-    ev = Ev32(spec, TORCH_RULES, Bindings(p.to(f32), g.to(f32), t, hyp32, {k: v.to(f32) for k, v in states.items()}))
+    ev = Ev32(
+        spec, TORCH_RULES, Bindings(p.to(f32), g.to(f32), t, hyp32, {k: v.to(f32) for k, v in states.items()}, facts)
+    )
     return {n: ev(e) for n, e in spec.updates}, ev(spec.param_update)
 
 
@@ -113,13 +119,13 @@ def test_error_bound_covers_a_float32_evaluation(case: cases_module.Case) -> Non
     hypers = case.group_hypers(spec)[0]
     p, g = _inputs(spec, (9, 11), 1)
     p, g = p.to(torch.float32).double(), g.to(torch.float32).double()  # inputs exact in float32
-    states64 = {
-        k: v.to(torch.float32).double() for k, v in initial_state_values(spec, TORCH_RULES, p, g, hypers).items()
-    }
+    facts = TensorFacts(tuple(p.shape), "float32")  # the dtype float32's finfo reads
+    initial = initial_state_values(spec, TORCH_RULES, p, g, with_inputs(spec, hypers), facts)
+    states64 = {k: v.to(torch.float32).double() for k, v in initial.items()}
     u = unit_roundoff(torch.float32)
     for t in (1.0, 2.0, 7.0):
         bounded = {k: Bounded.exact(v) for k, v in states64.items()}
-        new_states, new_param = bounded_step(spec, u, p, g, t, hypers, bounded)
+        new_states, new_param = bounded_step(spec, u, p, g, t, hypers, bounded, facts=facts)
         f32_states, f32_param = _float32_step(spec, p, g, t, hypers, states64)
         pairs = [(new_param, f32_param), *((new_states[n], f32_states[n]) for n in new_states)]
         for reference, got in pairs:

@@ -14,15 +14,20 @@ import pytest
 from portopt.conformance.candidates import TORCH_OPTIM_CLASSES, OptimizerFamily, parse_implementation
 from portopt.conformance.cases import build_cases
 from portopt.conformance.precision import PRECISIONS
-from portopt.conformance.results import PASS, SKIP
+from portopt.conformance.results import ERROR, PASS, SKIP
 from portopt.conformance.runner import RunOptions, run_matrix
 
 FP32 = PRECISIONS["fp32"]
+TORCH_DEFECTS = {"adafactor": "ZeroDivisionError"}
+"""torch.optim.Adafactor divides by ``numel() ** 0.5`` (and by an empty axis's length): a problem with a zero-size
+tensor makes it raise; portopt's RMS of an empty tensor is 0."""
 
 
 def _check(results):
     for r in results:
-        if r.algorithm in TORCH_OPTIM_CLASSES and "threshold" not in r.case:
+        if r.algorithm in TORCH_DEFECTS and r.status == ERROR:
+            assert TORCH_DEFECTS[r.algorithm] in r.reason, r.reason
+        elif r.algorithm in TORCH_OPTIM_CLASSES and "threshold" not in r.case and "has no option" not in r.reason:
             assert r.status == PASS, f"{r.case} on {r.implementation}: {r.reason}"
         else:
             assert r.status == SKIP, f"{r.case} on {r.implementation}: {r.status} {r.reason}"
@@ -32,7 +37,7 @@ def _check(results):
 def test_torch_optim_default_passes_every_quick_case_it_has() -> None:
     results = run_matrix(build_cases(), [OptimizerFamily("torch.optim", TORCH_OPTIM_CLASSES)], [FP32])
     _check(results)
-    assert {r.algorithm for r in results if r.status == PASS} == set(TORCH_OPTIM_CLASSES)
+    assert {r.algorithm for r in results if r.status == PASS} == set(TORCH_OPTIM_CLASSES) - set(TORCH_DEFECTS)
     skipped = {r.algorithm: r.reason for r in results if r.status == SKIP}
     assert skipped["lion"] == "torch.optim has no lion optimizer"
 

@@ -242,10 +242,19 @@ def test_deepcopy_keeps_last_step_skipped_and_every_public_attribute() -> None:
     assert clone.last_step_skipped is False
 
 
-def test_the_readme_python_examples_run() -> None:
-    """The README's examples (the GradScaler one included) run as written."""
+def test_the_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's examples (the GradScaler one included) run as written, in a fresh folder.
+
+    The ONNX example runs the file the README's `portopt export onnx adamw --output adamw.onnx` writes."""
     readme = Path(__file__).resolve().parents[1] / "README.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
     assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
     for block in blocks:
+        if "adamw.onnx" in block:
+            onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'portopt[onnx]')")
+            pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'portopt[onnx]')")
+            from portopt.export import to_onnx
+
+            onnx.save(to_onnx("adamw"), "adamw.onnx")
         exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})

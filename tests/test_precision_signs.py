@@ -30,6 +30,10 @@ EXPECTED = {
     "lamb": {"exp_avg_sq"},
     "lion": set(),
     "sparse_adam": set(),  # torch's v + (g² − v)·(1 − β2): >= 0, but not a sum of non-negative terms as written
+    "adafactor": {"row_var", "col_var", "variance"},  # 1 − t^τ in [0, 1) for τ <= 0
+    "came": {"exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq"},
+    "sophiag": {"hessian"},
+    "adan": {"exp_avg_sq"},
 }
 
 

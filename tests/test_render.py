@@ -89,10 +89,17 @@ def test_every_algorithm_renders_as_text(name: str, options: dict[str, OptionVal
     assert lines[0].startswith(f"{spec.title} ({spec.name}")
     assert lines[1].startswith("hyperparameters: ")
     assert lines[2].startswith("state: ")
-    equations = lines[3:]
-    assert equations[-1].startswith("p ← "), "the parameter update comes last"
+    header = 4 if spec.inputs else 3
+    if spec.inputs:
+        assert lines[3].startswith("inputs: ")
+    methods = [line for line in lines if any(line.startswith(f"{m.name}(): ") for m in spec.methods)]
+    assert len(methods) == len(spec.methods)
+    equations = lines[header : len(lines) - len(methods)]
+    assert equations[-1].startswith("p ← "), "the parameter update comes last (before the methods)"
+    by_method = {n for m in spec.methods for n, _ in m.updates}
     for s in spec.states:
-        assert sum(line.startswith(f"{s.symbol} ← ") for line in equations) == 1, s.name
+        expected = 0 if spec.update_map[s.name] == state(s.name) and s.name in by_method else 1
+        assert sum(line.startswith(f"{s.symbol} ← ") for line in equations) == expected, s.name
         assert f"{s.symbol} = " in lines[2]
     for h in spec.hyperparameters:
         assert f"{h.text_symbol} = " in lines[1]
@@ -107,14 +114,18 @@ def test_every_algorithm_renders_as_latex(name: str, options: dict[str, OptionVa
     spec = _spec(name, options, maximize=False)
     text = render_latex(spec)
     lines = text.splitlines()
-    assert all(line.startswith("% ") for line in lines[:3])
-    assert lines[3] == r"\begin{aligned}"
+    header = 4 if spec.inputs else 3
+    lines = lines[: len(lines) - len(spec.methods)]  # the methods follow as comments
+    assert all(line.startswith("% ") for line in lines[:header])
+    assert lines[header] == r"\begin{aligned}"
     assert lines[-1] == r"\end{aligned}"
     assert lines[-2].startswith(r"\theta_t &\leftarrow ")
+    by_method = {n for m in spec.methods for n, _ in m.updates}
     for s in spec.states:
         lhs = s.latex_symbol + "_t" if "_" not in s.latex_symbol else "{" + s.latex_symbol + "}_t"
-        assert any(line.startswith(f"{lhs} &\\leftarrow ") for line in lines), s.name
-    assert all(line.endswith(" \\\\") for line in lines[4:-2])
+        if s.name not in by_method:
+            assert any(line.startswith(f"{lhs} &\\leftarrow ") for line in lines), s.name
+    assert all(line.endswith(" \\\\") for line in lines[header + 1 : -2])
     assert _balanced_latex(text)
     assert render_latex(spec, header=False).splitlines()[0] == r"\begin{aligned}"
 

@@ -68,7 +68,9 @@ def test_every_algorithm_round_trips(name: str, options: dict[str, OptionValue],
     data = _strict_loads(text)
     assert (data["format"], data["version"]) == (FORMAT, VERSION)
     assert data == spec_to_dict(spec)
-    assert len(data["nodes"]) == len(walk([*(s.init for s in spec.states), *spec.roots]))
+    extra = [s.when for s in spec.states if s.when is not None]
+    extra += [e for m in spec.methods for _, e in m.updates] + [m.due for m in spec.methods if m.due is not None]
+    assert len(data["nodes"]) == len(walk([*(s.init for s in spec.states), *spec.roots, *extra]))
     # The analysis of the loaded spec agrees node by node.
     for node in walk(list(spec.roots)):
         assert loaded.kind(node) == spec.kind(node)

@@ -61,7 +61,7 @@ def _shape_mismatch(where: str, kind: str, layout: str) -> str:
     )
 
 
-_NOT_INIT = "an initial value may use only constants, hyperparameters, p and g"
+_NOT_INIT = "an initial value may use only constants, hyperparameters, inputs, p, g and the tensor's shape"
 _BOOL_HINT = "wrap the comparison in where(condition, 1.0, 0.0) to turn it into a number"
 
 CASES: dict[str, tuple[Callable[[], object], str]] = {
@@ -123,12 +123,13 @@ CASES: dict[str, tuple[Callable[[], object], str]] = {
     ),
     "row_mean of a step scalar": (
         lambda: make(param_update=P - row_mean(hyper("lr"))),
-        "toy: row_mean() needs an element-wise operand, got a scalar value; "
+        "toy: row_mean() needs an element-wise value or a column factor, got a scalar value; "
         "apply it to a gradient statistic such as g*g",
     ),
-    "col_mean of a row factor": (
-        lambda: make(param_update=P - col_mean(row_mean(G * G))),
-        "toy: col_mean() needs an element-wise operand, got a row value; apply it to a gradient statistic such as g*g",
+    "col_mean of a column factor": (
+        lambda: make(param_update=P - col_mean(col_mean(G * G))),
+        "toy: col_mean() needs an element-wise value or a row factor, got a col value; "
+        "apply it to a gradient statistic such as g*g",
     ),
     "column value into a row state": (
         lambda: make(states=(row_state(),), updates=(("r", col_mean(G * G)),)),

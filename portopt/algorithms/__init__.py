@@ -1,42 +1,65 @@
-"""The algorithm library: one spec factory per file, looked up by name.
+"""The algorithm library: one file per algorithm, discovered, looked up by name.
 
-Each factory takes the algorithm's structural options as keyword arguments (``amsgrad``,
-``nesterov``, ``centered``, ...) and returns a checked :class:`~portopt.spec.Spec`.
+Each module declares ``ALGORITHMS`` (:class:`~portopt.algorithms.registry.Algorithm` entries:
+the spec factory, the front-end class, the conformance rows); third-party packages add theirs
+through the entry point group ``portopt.algorithms``. Each factory takes the algorithm's
+structural options as keyword arguments (``amsgrad``, ``nesterov``, ``centered``, ...) and
+returns a checked :class:`~portopt.spec.Spec`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
 
+# The factories, importable from here as before (``from portopt.algorithms import adam``). Registration does
+# not depend on this list: the registry discovers every module, so a new algorithm needs no line here.
 from portopt.algorithms.adabelief import adabelief
+from portopt.algorithms.adafactor import adafactor
 from portopt.algorithms.adagrad import adagrad
 from portopt.algorithms.adam import adam, adamw
 from portopt.algorithms.adamax import adamax
+from portopt.algorithms.adan import adan
+from portopt.algorithms.came import came
 from portopt.algorithms.lamb import lamb
 from portopt.algorithms.lion import lion
 from portopt.algorithms.nadam import nadam
 from portopt.algorithms.radam import radam
+from portopt.algorithms.registry import Algorithm, SpecFactory, discover, load_entry_points
 from portopt.algorithms.rmsprop import rmsprop
 from portopt.algorithms.sgd import sgd
+from portopt.algorithms.sophia import sophiag
 from portopt.algorithms.sparse_adam import sparse_adam
 from portopt.spec.definition import OptionValue, Spec
 
-SpecFactory = Callable[..., Spec]
+__all__ = [
+    "ALGORITHMS",
+    "REGISTRY",
+    "Algorithm",
+    "SpecFactory",
+    "adabelief",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "adan",
+    "algorithm_names",
+    "came",
+    "get_spec",
+    "lamb",
+    "lion",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "sgd",
+    "sophiag",
+    "sparse_adam",
+]
 
-ALGORITHMS: dict[str, SpecFactory] = {
-    "sgd": sgd,
-    "adam": adam,
-    "adamw": adamw,
-    "adagrad": adagrad,
-    "rmsprop": rmsprop,
-    "nadam": nadam,
-    "adamax": adamax,
-    "radam": radam,
-    "adabelief": adabelief,
-    "lamb": lamb,
-    "lion": lion,
-    "sparse_adam": sparse_adam,
-}
+REGISTRY: dict[str, Algorithm] = discover(sys.modules[__name__])
+load_entry_points(REGISTRY)
+ALGORITHMS: dict[str, SpecFactory] = {name: a.factory for name, a in REGISTRY.items()}
+"""Every registered algorithm's spec factory, by name."""
 
 
 def algorithm_names() -> list[str]:

@@ -33,6 +33,7 @@ from portopt.algorithms.common import (
     learning_rate,
     weight_decay,
 )
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import G, P, T, hyper, sqrt, square, state
 from portopt.spec.symbols import StateDecl
@@ -66,3 +67,6 @@ def adabelief(*, decoupled_weight_decay: bool = True) -> Spec:
         options=(("decoupled_weight_decay", decoupled_weight_decay),),
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (Algorithm("adabelief", adabelief, class_name="AdaBelief", optimizer="portopt.optim.adabelief:AdaBelief"),)

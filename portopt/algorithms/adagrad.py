@@ -15,6 +15,7 @@ With ``g' = g + λ·p`` (coupled L2 weight decay)::
 from __future__ import annotations
 
 from portopt.algorithms.common import coupled_decay_gradient, epsilon, learning_rate, weight_decay
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import P, T, hyper, sqrt, square, state
 from portopt.spec.symbols import NON_NEGATIVE, Hyperparameter, StateDecl
@@ -57,3 +58,10 @@ def adagrad() -> Spec:
         param_update=P - clr * g / denom,
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (
+    Algorithm(
+        "adagrad", adagrad, class_name="Adagrad", optimizer="portopt.optim.adagrad:Adagrad", torch_class="Adagrad"
+    ),
+)

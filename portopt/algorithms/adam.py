@@ -19,6 +19,7 @@ from portopt.algorithms.common import (
     learning_rate,
     weight_decay,
 )
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import G, P, T, hyper, maximum, sqrt, square, state
 from portopt.spec.symbols import StateDecl
@@ -68,3 +69,9 @@ def adam(*, amsgrad: bool = False, decoupled_weight_decay: bool = False) -> Spec
 def adamw(*, amsgrad: bool = False) -> Spec:
     """AdamW: Adam with decoupled weight decay ``p ← p·(1 − lr·λ)`` (torch.optim.AdamW)."""
     return adam(amsgrad=amsgrad, decoupled_weight_decay=True)
+
+
+ALGORITHMS = (
+    Algorithm("adam", adam, class_name="Adam", optimizer="portopt.optim.adam:Adam", torch_class="Adam"),
+    Algorithm("adamw", adamw, class_name="AdamW", optimizer="portopt.optim.adam:AdamW", torch_class="AdamW"),
+)

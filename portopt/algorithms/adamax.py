@@ -16,6 +16,7 @@ zero gradient.
 from __future__ import annotations
 
 from portopt.algorithms.common import beta, coupled_decay_gradient, epsilon, learning_rate, weight_decay
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import P, T, hyper, maximum, state
 from portopt.spec.symbols import StateDecl
@@ -42,3 +43,8 @@ def adamax() -> Spec:
         param_update=P - step_size * (m_t / u_t),
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (
+    Algorithm("adamax", adamax, class_name="Adamax", optimizer="portopt.optim.adamax:Adamax", torch_class="Adamax"),
+)

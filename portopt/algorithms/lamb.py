@@ -21,6 +21,7 @@ implementations (e.g. NVIDIA Apex's ``bias_correction`` flag) allow.
 from __future__ import annotations
 
 from portopt.algorithms.common import beta, epsilon, learning_rate, weight_decay
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import G, P, T, hyper, norm, sqrt, square, state, where
 from portopt.spec.symbols import StateDecl
@@ -53,3 +54,6 @@ def lamb(*, bias_correction: bool = True) -> Spec:
         options=(("bias_correction", bias_correction),),
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (Algorithm("lamb", lamb, class_name="LAMB", optimizer="portopt.optim.lamb:LAMB"),)

@@ -15,6 +15,7 @@ so the usual learning rate is 3–10x smaller than AdamW's.
 from __future__ import annotations
 
 from portopt.algorithms.common import beta, learning_rate, weight_decay
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import G, P, hyper, sign, state
 from portopt.spec.symbols import StateDecl
@@ -40,3 +41,6 @@ def lion() -> Spec:
         param_update=P - lr * update,
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (Algorithm("lion", lion, class_name="Lion", optimizer="portopt.optim.lion:Lion"),)

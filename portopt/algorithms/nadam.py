@@ -27,6 +27,7 @@ from portopt.algorithms.common import (
     learning_rate,
     weight_decay,
 )
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import G, P, T, const, hyper, sqrt, square, state
 from portopt.spec.symbols import NON_NEGATIVE, Hyperparameter, Layout, StateDecl
@@ -75,3 +76,8 @@ def nadam(*, decoupled_weight_decay: bool = False) -> Spec:
         options=(("decoupled_weight_decay", decoupled_weight_decay),),
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (
+    Algorithm("nadam", nadam, class_name="NAdam", optimizer="portopt.optim.nadam:NAdam", torch_class="NAdam"),
+)

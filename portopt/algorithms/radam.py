@@ -31,6 +31,7 @@ from portopt.algorithms.common import (
     learning_rate,
     weight_decay,
 )
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import G, P, T, hyper, sqrt, square, state, where
 from portopt.spec.symbols import StateDecl
@@ -77,3 +78,8 @@ def radam(*, decoupled_weight_decay: bool = False, threshold: float = TORCH_THRE
         options=(("decoupled_weight_decay", decoupled_weight_decay), ("threshold", threshold)),
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (
+    Algorithm("radam", radam, class_name="RAdam", optimizer="portopt.optim.radam:RAdam", torch_class="RAdam"),
+)

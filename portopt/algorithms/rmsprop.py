@@ -19,6 +19,7 @@ torch keeps the buffer only when ``momentum > 0``: build with ``momentum=True`` 
 from __future__ import annotations
 
 from portopt.algorithms.common import coupled_decay_gradient, epsilon, learning_rate, weight_decay
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, P, hyper, sqrt, square, state
 from portopt.spec.symbols import NON_NEGATIVE, Hyperparameter, StateDecl
@@ -72,3 +73,10 @@ def rmsprop(*, centered: bool = False, momentum: bool = False) -> Spec:
         options=(("centered", centered), ("momentum", momentum)),
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (
+    Algorithm(
+        "rmsprop", rmsprop, class_name="RMSprop", optimizer="portopt.optim.rmsprop:RMSprop", torch_class="RMSprop"
+    ),
+)

@@ -8,6 +8,7 @@ momentum step: ``b_1 = g_1``, not ``(1 − τ)·g_1``); later ``b_t = μ·b_{t�
 from __future__ import annotations
 
 from portopt.algorithms.common import coupled_decay_gradient, learning_rate, weight_decay
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import P, T, eq, hyper, state, where
 from portopt.spec.symbols import ANY, NON_NEGATIVE, Hyperparameter, StateDecl
@@ -44,3 +45,6 @@ def sgd(*, momentum: bool = False, nesterov: bool = False) -> Spec:
         options=(("momentum", True), ("nesterov", nesterov)),
         references=REFERENCES,
     )
+
+
+ALGORITHMS = (Algorithm("sgd", sgd, class_name="SGD", optimizer="portopt.optim.sgd:SGD", torch_class="SGD"),)

@@ -17,6 +17,7 @@ step, so the bias correction of an entry is the step's, not the entry's.
 from __future__ import annotations
 
 from portopt.algorithms.common import beta
+from portopt.algorithms.registry import Algorithm
 from portopt.spec.definition import Spec
 from portopt.spec.expr import G, P, T, hyper, sqrt, square, state
 from portopt.spec.symbols import POSITIVE, Hyperparameter, StateDecl
@@ -47,3 +48,10 @@ def sparse_adam() -> Spec:
         param_update=P + (-step_size) * (m_t / (sqrt(v_t) + eps)),
         references=REFERENCES,
     )
+
+
+# torch_class stays empty: torch.optim.SparseAdam (like portopt.SparseAdam) takes only sparse gradients,
+# which the conformance suite's dense gradient streams are not; its tests compare the two directly.
+ALGORITHMS = (
+    Algorithm("sparse_adam", sparse_adam, class_name="SparseAdam", optimizer="portopt.optim.sparse_adam:SparseAdam"),
+)

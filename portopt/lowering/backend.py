@@ -116,6 +116,14 @@ class Backend:
     build_graph: Callable[[Spec], GraphStep] | None = None
 
 
+def with_inputs(spec: Spec, hypers: Hypers) -> Hypers:
+    """``hypers`` with the default of every declared input the step was not given (inputs travel with the
+    hyperparameter values: a step function reads both from one mapping)."""
+    if not spec.inputs or all(name in hypers for name in spec.input_names):
+        return hypers
+    return {**spec.input_defaults(), **hypers}
+
+
 def step_counter_dtype() -> torch.dtype:
     """torch.optim's dtype for ``state["step"]``: float64 under a float64 default dtype."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

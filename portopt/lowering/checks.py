@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from portopt.lowering.backend import Hypers, ParamState
-from portopt.lowering.interpreter import state_shape
+from portopt.lowering.backend import Hypers, ParamState, with_inputs
+from portopt.lowering.interpreter import state_shape, tensor_facts
 from portopt.precision.quantize import Q8State
 from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
@@ -50,13 +50,26 @@ def check_hyperparameter_value(spec: Spec, h: Hyperparameter, value: object) -> 
 
 
 def check_hyperparameter_values(spec: Spec, hypers: Mapping[str, object]) -> None:
-    """Every hyperparameter of ``spec`` has a value (a number or a 1-element tensor) inside its range."""
+    """Every hyperparameter of ``spec`` has a value (a number or a 1-element tensor) inside its range, and so
+    has every input given (the others take their defaults)."""
     for h in spec.hyperparameters:
         if h.name not in hypers:
             raise HyperparameterError(
                 f"{spec.name}: no value for hyperparameter {h.name!r} (given: {', '.join(sorted(hypers)) or 'none'})"
             )
         check_hyperparameter_value(spec, h, hypers[h.name])
+    for i in spec.inputs:
+        if i.name not in hypers:
+            continue
+        value = hypers[i.name]
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HyperparameterError(
+                f"{spec.name}: input {i.name!r} must be a number or a 1-element tensor, got {value!r} "
+                f"({type(value).__name__})"
+            )
+        i.check(value, spec.name)
 
 
 @functools.lru_cache(maxsize=256)
@@ -64,7 +77,7 @@ def needs_matrices(spec: Spec) -> bool:
     """Whether the spec factors anything by rows or columns (then every parameter needs >= 2 dims)."""
     if any(s.layout in (Layout.ROW, Layout.COL) for s in spec.states):
         return True
-    return any(spec.kind(node) in (Kind.ROW, Kind.COL) for node in walk(list(spec.roots)))
+    return any(spec.kind(node) in (Kind.ROW, Kind.COL, Kind.SLICE) for node in walk(list(spec.roots)))
 
 
 def check_step_inputs(
@@ -90,9 +103,11 @@ def check_step_inputs(
             f"{spec.name}: got {len(params)} parameters, {len(grads)} gradients and {len(states)} state dicts; "
             "pass one gradient and one state dict per parameter"
         )
-    check_hyperparameter_values(spec, hypers)
-    matrices = needs_matrices(spec)
+    check_hyperparameter_values(spec, with_inputs(spec, hypers))
+    general = spec
     for index, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
+        spec = general.specialize(tensor_facts(param)) if general.shape_dependent else general
+        matrices = needs_matrices(spec)
         # Cheap test first; the detailed checks below only run to say what is wrong.
         if not _param_fits(param, grad, matrices):
             _check_param(spec, index, param, grad, matrices)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from portopt.spec.expr import Expr
 from portopt.spec.ops import Op
+from portopt.spec.shapes import TensorFacts
 
 HostValue = float | bool
 
@@ -66,6 +67,18 @@ def _sign(a: float) -> float:
     return float((a > 0) - (a < 0))  # 0 for NaN, as torch.sign
 
 
+def _mod(a: float, b: float) -> float:
+    if b == 0 or math.isnan(a) or math.isnan(b) or math.isinf(a):
+        return math.nan  # torch.remainder's float results
+    if math.isinf(b):
+        return a if (a >= 0) == (b > 0) or a == 0 else b
+    return a % b
+
+
+def _floor(a: float) -> float:
+    return a if not math.isfinite(a) else float(math.floor(a))
+
+
 def _nan_or(pick: Callable[[float, float], float]) -> Callable[[float, float], float]:
     def rule(a: float, b: float) -> float:
         return math.nan if math.isnan(a) or math.isnan(b) else pick(a, b)
@@ -89,6 +102,8 @@ HOST_RULES: dict[Op, Callable[..., HostValue]] = {
     Op.LOG: _log,
     Op.MAXIMUM: _nan_or(max),
     Op.MINIMUM: _nan_or(min),
+    Op.MOD: _mod,
+    Op.FLOOR: _floor,
     Op.LT: operator.lt,
     Op.LE: operator.le,
     Op.GT: operator.gt,
@@ -103,17 +118,45 @@ HOST_RULES: dict[Op, Callable[..., HostValue]] = {
 """The float64 host meaning of every op that can be a step scalar (the reductions cannot)."""
 
 
-def evaluate_host(nodes: Sequence[Expr], t: float, hypers: Mapping[str, float], values: dict[Expr, HostValue]) -> None:
-    """Fill ``values`` with the host value of each of ``nodes`` (operands first) not already there."""
+def shape_leaf_value(node: Expr, facts: TensorFacts) -> float:
+    """The value of a shape leaf (``numel``, ``ndim``, ``size``, ``finfo``) for a tensor."""
+    op = node.op
+    if op is Op.NUMEL:
+        return float(facts.numel)
+    if op is Op.NDIM:
+        return float(facts.ndim)
+    if op is Op.SIZE:
+        return facts.size(int(float(node.value or 0.0)))
+    if op is Op.FINFO:
+        return facts.finfo(str(node.value))
+    raise AssertionError(f"not a shape leaf: {op}")
+
+
+def evaluate_host(
+    nodes: Sequence[Expr],
+    t: float,
+    hypers: Mapping[str, float],
+    values: dict[Expr, HostValue],
+    facts: TensorFacts | None = None,
+) -> None:
+    """Fill ``values`` with the host value of each of ``nodes`` (operands first) not already there.
+
+    Inputs are read from ``hypers`` (a step's inputs travel with its hyperparameter values);
+    shape leaves from ``facts`` (needed only when ``nodes`` hold them).
+    """
     for node in nodes:
         if node in values:
             continue
         op = node.op
         if op is Op.CONST:
             values[node] = float(node.value or 0.0)
-        elif op is Op.HYPER:
+        elif op is Op.HYPER or op is Op.INPUT:
             values[node] = hypers[str(node.value)]
         elif op is Op.STEP:
             values[node] = t
+        elif not node.args:
+            if facts is None:
+                raise ValueError(f"the value of {op.value}() needs the tensor's shape and dtype")
+            values[node] = shape_leaf_value(node, facts)
         else:
             values[node] = HOST_RULES[op](*(values[a] for a in node.args))

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from portopt.lowering.host import shape_leaf_value
 from portopt.lowering.torch_ops import Rule
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, walk
-from portopt.spec.ops import Op
+from portopt.spec.ops import SHAPE_LEAVES, Op
+from portopt.spec.shapes import TensorFacts
 from portopt.spec.symbols import Layout, StateDecl
 
 HOST_SCALAR_DTYPE = torch.float64
@@ -33,15 +35,37 @@ def host_scalar(value: float | Tensor) -> Tensor:
     return torch.tensor(float(value), dtype=HOST_SCALAR_DTYPE)
 
 
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def tensor_facts(x: Tensor, dtype: torch.dtype | None = None) -> TensorFacts:
+    """The shape and dtype a spec's shape leaves read for the stepped tensor ``x`` (``dtype``: the one it is
+    stepped in, when ``x`` is a widened copy, as the float64 reference's are)."""
+    return TensorFacts(tuple(x.shape), _DTYPE_NAMES.get(dtype or x.dtype, "float32"))
+
+
 @dataclass
 class Bindings:
-    """The values of a spec's leaves for one parameter at one step."""
+    """The values of a spec's leaves for one parameter at one step.
+
+    ``hypers`` holds the hyperparameters and the step's inputs; ``facts`` the shape and dtype
+    of the stepped tensor (default: ``param``'s).
+    """
 
     param: Tensor
     grad: Tensor
     step: float
     hypers: Mapping[str, float | Tensor]
     states: Mapping[str, Tensor]
+    facts: TensorFacts | None = None
+
+    def tensor(self) -> TensorFacts:
+        return self.facts if self.facts is not None else tensor_facts(self.param)
 
 
 class Evaluator:
@@ -111,8 +135,10 @@ class Evaluator:
         op = node.op
         if op is Op.CONST:
             return host_scalar(float(node.value or 0.0))
-        if op is Op.HYPER:
+        if op is Op.HYPER or op is Op.INPUT:
             return host_scalar(b.hypers[str(node.value)])
+        if op in SHAPE_LEAVES:
+            return host_scalar(shape_leaf_value(node, b.tensor()))
         if op is Op.STEP:
             return host_scalar(b.step)
         if op is Op.PARAM:
@@ -127,7 +153,11 @@ class Evaluator:
 
 
 def evaluate_step(spec: Spec, rules: Mapping[Op, Rule], bindings: Bindings) -> tuple[dict[str, Tensor], Tensor]:
-    """New value of every state and of the parameter (nothing is written)."""
+    """New value of every state the tensor has and of the parameter (nothing is written).
+
+    A shape-dependent spec runs the plain spec of the tensor's shape class.
+    """
+    spec = spec.specialize(bindings.tensor())
     ev = Evaluator(spec, rules, bindings, spec.roots)
     new_states = {name: ev(expr) for name, expr in spec.updates}
     return new_states, ev(spec.param_update)
@@ -150,10 +180,18 @@ def state_shape(decl: StateDecl, param_shape: torch.Size) -> tuple[int, ...]:
 
 
 def initial_state_values(
-    spec: Spec, rules: Mapping[Op, Rule], param: Tensor, grad: Tensor, hypers: Mapping[str, float | Tensor]
+    spec: Spec,
+    rules: Mapping[Op, Rule],
+    param: Tensor,
+    grad: Tensor,
+    hypers: Mapping[str, float | Tensor],
+    facts: TensorFacts | None = None,
 ) -> dict[str, Tensor]:
-    """Each state's initial value, broadcast to its storage shape (in the dtype of ``param``)."""
-    ev = Evaluator(spec, rules, Bindings(param, grad, 0.0, hypers, {}))
+    """Each state's initial value, broadcast to its storage shape (in the dtype of ``param``): the states the
+    tensor has (``facts``: its shape and dtype, default ``param``'s)."""
+    bindings = Bindings(param, grad, 0.0, hypers, {}, facts)
+    spec = spec.specialize(bindings.tensor())
+    ev = Evaluator(spec, rules, bindings)
     values: dict[str, Tensor] = {}
     for decl in spec.states:
         value = ev(decl.init).to(device=param.device, dtype=param.dtype)

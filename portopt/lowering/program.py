@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from portopt.lowering.host import HostValue
-from portopt.spec.analysis import NodeInfo, classify
+from portopt.spec.analysis import Kind, NodeInfo, classify
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, walk
 from portopt.spec.ops import OP_INFO, Family, Op
@@ -66,6 +66,9 @@ class Program:
     instrs: tuple[Instr, ...]
     commits: tuple[tuple[str | None, Expr], ...]  # (state name, or None for the parameter; new value)
     kinds: Mapping[Expr, NodeInfo]
+    shape_nodes: tuple[Expr, ...] = ()
+    """The per-tensor host values (``numel``, ``finfo``, and what is computed from them and step scalars),
+    operands first; the largest of them are among ``leaves``, one 0-d value per tensor."""
 
     @property
     def allocations(self) -> int:
@@ -113,8 +116,14 @@ def build_program(spec: Spec, mapping: Mapping[Expr, Expr], grad_writable: bool)
     info = classify(roots, {s.name: s.layout for s in spec.states}, spec.name)
     order = walk(roots)
     host_nodes = tuple(n for n in order if info[n].kind.is_step_scalar)
-    leaves = tuple(n for n in order if not n.args and not info[n].kind.is_step_scalar)
-    computed = [n for n in order if n.args and not info[n].kind.is_step_scalar]
+    # Per-tensor host values: computed on the host for each tensor (float64), then one 0-d value per tensor.
+    shape = {n for n in order if info[n].kind is Kind.SHAPE}
+    used_by_tensor = {a for n in order if n.args and n not in shape for a in n.args} | set(roots)
+    shape_leaves = [n for n in order if n in shape and n in used_by_tensor]
+    info = {n: NodeInfo(Kind.TENSOR, i.is_bool) if n in shape else i for n, i in info.items()}
+    leaves = tuple(n for n in order if (not n.args and not info[n].kind.is_step_scalar and n not in shape))
+    leaves += tuple(shape_leaves)
+    computed = [n for n in order if n.args and not info[n].kind.is_step_scalar and n not in shape]
 
     def is_tensor(node: Expr) -> bool:
         return not info[node].kind.is_step_scalar
@@ -139,6 +148,8 @@ def build_program(spec: Spec, mapping: Mapping[Expr, Expr], grad_writable: bool)
     def writable(node: Expr) -> bool:
         if node.op is Op.GRAD:
             return grad_writable
+        if node in shape:
+            return False
         return node.op in (Op.PARAM, Op.STATE) or bool(node.args)
 
     instrs: list[Instr] = []
@@ -160,7 +171,7 @@ def build_program(spec: Spec, mapping: Mapping[Expr, Expr], grad_writable: bool)
                     inplace = pos
                     break
         instrs.append(Instr(node, form, operands, host, scale, negate, inplace, uniform, dead))
-    return Program(host_nodes, leaves, tuple(instrs), tuple(targets), info)
+    return Program(host_nodes, leaves, tuple(instrs), tuple(targets), info, tuple(n for n in order if n in shape))
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,19 @@ def _max_abs(x: Tensor) -> Tensor:
     return x.abs().amax() if x.numel() else x.new_zeros(())
 
 
-def _axis_mean(dim: int) -> Rule:
+def _axis(reduce: str, dim: int) -> Rule:
+    """A reduction over axis ``dim`` of each trailing 2-D slice, kept as size 1 (0 over an empty axis)."""
+
     def rule(x: Tensor) -> Tensor:
         if x.dim() < 2:
             raise ValueError(
-                f"a factored (row/column) state needs a parameter with at least 2 dims, got shape {tuple(x.shape)}"
+                f"a factored (row/column) value needs a parameter with at least 2 dims, got shape {tuple(x.shape)}"
             )
-        return x.mean(dim=dim, keepdim=True)
+        if reduce == "sum":
+            return x.sum(dim=dim, keepdim=True)
+        if x.shape[dim] == 0:
+            return x.sum(dim=dim, keepdim=True)  # zeros of the reduced shape
+        return x.mean(dim=dim, keepdim=True) if reduce == "mean" else x.amax(dim=dim, keepdim=True)
 
     return rule
 
@@ -53,6 +59,8 @@ TORCH_RULES: dict[Op, Rule] = {
     Op.LOG: torch.log,
     Op.MAXIMUM: torch.maximum,
     Op.MINIMUM: torch.minimum,
+    Op.MOD: torch.remainder,
+    Op.FLOOR: torch.floor,
     Op.LT: torch.lt,
     Op.LE: torch.le,
     Op.GT: torch.gt,
@@ -67,6 +75,10 @@ TORCH_RULES: dict[Op, Rule] = {
     Op.MEAN: _mean,
     Op.NORM: torch.linalg.vector_norm,
     Op.MAX_ABS: _max_abs,
-    Op.ROW_MEAN: _axis_mean(-1),
-    Op.COL_MEAN: _axis_mean(-2),
+    Op.ROW_MEAN: _axis("mean", -1),
+    Op.COL_MEAN: _axis("mean", -2),
+    Op.ROW_SUM: _axis("sum", -1),
+    Op.COL_SUM: _axis("sum", -2),
+    Op.ROW_MAX: _axis("max", -1),
+    Op.COL_MAX: _axis("max", -2),
 }

@@ -1,6 +1,13 @@
-"""The torch.optim-compatible front end: ``portopt.Optimizer`` and the named classes."""
+"""The torch.optim-compatible front end: ``portopt.Optimizer`` and the named classes.
+
+The classes of the other registered algorithms (``portopt.optim.Adafactor``, ``SophiaG``, ``Adan``,
+``CAME``, third-party ones) are looked up in the algorithm registry on first use
+(:mod:`portopt.optim.generated`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from portopt.optim.adabelief import AdaBelief
 from portopt.optim.adagrad import Adagrad
@@ -30,3 +37,13 @@ __all__ = [
     "RMSprop",
     "SparseAdam",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    from portopt.optim.generated import lookup
+
+    cls = lookup(name)
+    if cls is None:
+        raise AttributeError(f"module 'portopt.optim' has no attribute {name!r}")
+    globals()[name] = cls
+    return cls

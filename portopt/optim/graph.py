@@ -29,7 +29,7 @@ What the traced step does not take runs eagerly, outside the graph (an explicit 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -86,10 +86,15 @@ class GraphRun:
         self.step.run(views, grad_views, steps, state_lists, hypers)
 
 
-def traced_step(optimizer: Optimizer) -> None:
-    """The step of every group, as dynamo traces it (module docstring)."""
-    if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
-        _eager_step(optimizer)
+def traced_step(optimizer: Optimizer, inputs: Mapping[str, Any] | None = None) -> None:
+    """The step of every group, as dynamo traces it (module docstring); a step given extra inputs
+    (SophiaG's ``bs=``) runs eagerly."""
+    if (
+        inputs
+        or getattr(optimizer, "grad_scale", None) is not None
+        or getattr(optimizer, "found_inf", None) is not None
+    ):
+        _eager_step(optimizer, inputs)
         return
     optimizer.last_step_skipped = False  # an eager group (skip_nonfinite) may set it
     for index, group in enumerate(optimizer.param_groups):
@@ -105,8 +110,8 @@ def traced_step(optimizer: Optimizer) -> None:
 
 
 @torch._dynamo.disable
-def _eager_step(optimizer: Optimizer) -> None:
-    optimizer._eager_step()
+def _eager_step(optimizer: Optimizer, inputs: Mapping[str, Any] | None = None) -> None:
+    optimizer._eager_step(inputs=inputs)
 
 
 @torch._dynamo.disable

@@ -71,8 +71,11 @@ class GroupCache:
         self.table: object = None
         self.version: int | None = None
 
-    def prepare(self, optimizer: Optimizer, group: Mapping[str, Any], spec: Spec, mode: Mode) -> amp.GroupStep | None:
-        """The group's step with each backend's prepared step, or ``None`` if anything changed."""
+    def prepare(
+        self, optimizer: Optimizer, group: Mapping[str, Any], spec: Spec, mode: Mode, inputs: Mapping[str, Any]
+    ) -> amp.GroupStep | None:
+        """The group's step with each backend's prepared step, or ``None`` if anything changed; ``inputs``:
+        the values of the spec's declared inputs given to this step."""
         members = group["params"]
         if not (self.all_have_grads and len(members) == len(self.group_params)):
             return None
@@ -93,7 +96,8 @@ class GroupCache:
                 return None
             self.table, self.version = table, getattr(table, "version", None)
         states = self.states
-        hypers = group_hypers(spec, group)
+        hypers: dict[str, Any] = group_hypers(spec, group)
+        hypers.update(inputs)
         check_group_tuples(spec, group)
         check_hyperparameter_values(spec, hypers)
         prepared = []

@@ -26,8 +26,14 @@ def spec_defaults(spec: Spec) -> dict[str, Any]:
         if members[0].group_index is None:
             defaults[key] = members[0].default
         else:
-            defaults[key] = tuple(h.default for h in sorted(members, key=_index))
+            defaults[key] = indexed_tuple({_index(h): h.default for h in members})
     return defaults
+
+
+def indexed_tuple(entries: Mapping[int, Any]) -> tuple[Any, ...]:
+    """``{1: 1e-3}`` -> ``(None, 1e-3)``: a tuple entry no hyperparameter reads stays ``None`` (torch's
+    Adafactor's ``eps=(None, 1e-3)``, whose ``None`` means the dtype's machine epsilon)."""
+    return tuple(entries.get(i) for i in range(max(entries, default=-1) + 1))
 
 
 def fold_names(spec: Spec, values: MutableMapping[str, Any], base: Mapping[str, Any]) -> None:
@@ -98,12 +104,19 @@ def check_group_values(spec: Spec, group: Mapping[str, Any], order: Iterable[str
 
 
 def check_group_tuples(spec: Spec, group: Mapping[str, Any]) -> None:
-    """Each tuple key of ``group`` holds exactly its entries (``betas`` is a pair: a third would be ignored)."""
+    """Each tuple key of ``group`` holds exactly its entries (``betas`` is a pair: a third would be ignored).
+
+    The width is the highest ``group_index`` plus one: a spec variant may leave an entry out (Adafactor's
+    ``eps=(None, eps2)`` reads ``eps1`` from the dtype) while the tuple keeps its place.
+    """
     for key, members in _keys(spec).items():
-        if members[0].group_index is not None and len(group[key]) != len(members):
+        if members[0].group_index is None:
+            continue
+        width = 1 + max(_index(h) for h in members)
+        if len(group[key]) != width:
             names = ", ".join(h.name for h in sorted(members, key=_index))
             raise HyperparameterError(
-                f"Invalid {key}: {group[key]!r} ({spec.name}: {key} must hold exactly {len(members)} values "
+                f"Invalid {key}: {group[key]!r} ({spec.name}: {key} must hold exactly {width} values "
                 f"({names}), got {len(group[key])})"
             )
 

@@ -243,36 +243,39 @@ class Optimizer(torch.optim.Optimizer):
 
     # the step ------------------------------------------------------------------------
     @overload
-    def step(self, closure: None = None) -> None: ...
+    def step(self, closure: None = None, **inputs: float | Tensor) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
+    def step(self, closure: Callable[[], float], **inputs: float | Tensor) -> float: ...
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None, **inputs: float | Tensor) -> float | None:
         """One optimization step over every param group (all groups checked before any is written).
 
-        Autograd is off during the step, as in torch.optim, unless ``differentiable=True``; under
-        ``torch.compile`` the step is traced into the caller's graph (:mod:`portopt.optim.graph`).
+        ``inputs`` are the values of the spec's declared extra inputs for this step (SophiaG's
+        ``bs=``); an input not given takes its declared default. Autograd is off during the step,
+        as in torch.optim, unless ``differentiable=True``; under ``torch.compile`` the step is
+        traced into the caller's graph (:mod:`portopt.optim.graph`), a step given inputs runs eagerly.
         """
+        self._check_inputs(inputs)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             if torch.compiler.is_compiling():
-                graph.traced_step(self)
+                graph.traced_step(self, inputs)
             else:
-                self._eager_step()
+                self._eager_step(inputs=inputs)
         return loss
 
-    def _eager_step(self, only: int | None = None) -> None:
+    def _eager_step(self, only: int | None = None, inputs: Mapping[str, Any] | None = None) -> None:
         """The step of every group (or of group ``only``: under torch.compile, a group the traced step
         cannot take), all checked before any is written."""
         work: list[tuple[int, amp.GroupStep]] = []
         offset = 0
         for index, group in enumerate(self.param_groups):
             if only is None or index == only:
-                work.append((index, self._prepare(group, index, offset)))
+                work.append((index, self._prepare(group, index, offset, inputs)))
             offset += len(group["params"])
         scaling = LossScaling.of(self)
         skipped = amp.should_skip([item for _, item in work], scaling)
@@ -311,27 +314,42 @@ class Optimizer(torch.optim.Optimizer):
         either); see :func:`portopt.optim.graph.init_group`."""
         return graph.init_group(self, group, params, grads, steps, states)
 
-    def _prepare(self, group: Mapping[str, Any], index: int, offset: int) -> amp.GroupStep:
+    def _check_inputs(self, inputs: Mapping[str, object]) -> None:
+        if not inputs:
+            return
+        declared = {name for group in self.param_groups for name in self.group_spec(group).input_names}
+        unknown = sorted(set(inputs) - declared)
+        if unknown:
+            raise TypeError(
+                f"step() got unexpected input(s) {', '.join(map(repr, unknown))}; this optimizer's inputs: "
+                f"{', '.join(sorted(declared)) or 'none'}"
+            )
+
+    def _prepare(
+        self, group: Mapping[str, Any], index: int, offset: int, inputs: Mapping[str, Any] | None = None
+    ) -> amp.GroupStep:
         """Check one group and choose its step functions; nothing is written. A group whose structure
         is as at its last step is only confirmed (:mod:`portopt.optim.group_cache`)."""
         spec = self.group_spec(group)
         mode = self._mode(group)
+        given = {k: v for k, v in (inputs or {}).items() if k in spec.input_names}
         cache = self._group_caches.pop(index, None)
         if cache is not None:
-            fast = cache.prepare(self, group, spec, mode)
+            fast = cache.prepare(self, group, spec, mode, given)
             if fast is not None:
                 self._group_caches[index] = cache
                 return fast
-        item = self._prepare_fully(group, index, offset, spec, mode)
+        item = self._prepare_fully(group, index, offset, spec, mode, given)
         if cacheable(item, mode):
             self._group_caches[index] = GroupCache(group, item, spec, mode)
         return item
 
     def _prepare_fully(
-        self, group: Mapping[str, Any], index: int, offset: int, spec: Spec, mode: Mode
+        self, group: Mapping[str, Any], index: int, offset: int, spec: Spec, mode: Mode, inputs: Mapping[str, Any]
     ) -> amp.GroupStep:
         """:meth:`_prepare` walking every parameter: gradients, states, checks, backends."""
-        hypers = group_hypers(spec, group)
+        hypers: dict[str, Any] = group_hypers(spec, group)
+        hypers.update(inputs)
         policy = amp.resolve(group.get("precision"))
         params: list[Tensor] = []
         grads: list[Tensor] = []
@@ -494,6 +512,51 @@ class Optimizer(torch.optim.Optimizer):
             if mode is Mode.FUSED:  # torch raises RuntimeError where no fused implementation runs
                 raise RuntimeError(f"fused=True: no fused implementation of {spec.title} runs here: {exc}") from None
             raise
+
+    # methods (SophiaG's update_hessian) ---------------------------------------------------
+    @torch.no_grad()
+    def run_method(self, name: str) -> None:
+        """Run the spec's method ``name`` on every parameter with a gradient (states it updates change; the
+        parameters and step counters do not). Every group is checked before any is written."""
+        runs = []
+        for index, group in enumerate(self.param_groups):
+            spec = self.group_spec(group)
+            method = spec.method_spec(name)
+            if amp.resolve(group.get("precision")) is not amp.DEFAULT:
+                raise ValueError(
+                    f"{spec.name}.{name}(): param group {index} has a precision policy; methods run "
+                    "only on groups without one"
+                )
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self.state.get(p, {}) for p in params]
+            hypers = group_hypers(method, group)
+            check_step_inputs(method, params, [p.grad for p in params], states, hypers)
+            for indices, device, numel in _by_device(params):
+                runs.append((self._step_function(method, device, None, numel), params, indices, states, hypers))
+        for step, params, indices, states, hypers in runs:
+            chosen = [params[i] for i in indices]
+            chosen_states = [states[i] for i in indices]
+            steps = [s["step"].clone() if s else None for s in chosen_states]
+            step(chosen, [p.grad for p in chosen], chosen_states, hypers)
+            for param, state, before in zip(chosen, chosen_states, steps, strict=True):
+                state["step"].copy_(before if before is not None else torch.zeros_like(state["step"]))
+                self.state[param] = state
+
+    def method_due(self, name: str) -> bool:
+        """Whether the method's cadence (``due=``, e.g. every k-th step) asks for it now, after the steps taken
+        so far (the most any parameter has taken)."""
+        from portopt.lowering.host import evaluate_host
+        from portopt.spec.expr import walk
+
+        group = self.param_groups[0]
+        spec = self.group_spec(group)
+        due = spec.method(name).due
+        if due is None:
+            return True
+        taken = max((float(s["step"]) for s in self.state.values() if "step" in s), default=0.0)
+        values: dict[Any, Any] = {}
+        evaluate_host(walk([due]), taken, {k: float(v) for k, v in group_hypers(spec, group).items()}, values)
+        return bool(values[due])
 
     # checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

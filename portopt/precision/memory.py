@@ -7,6 +7,8 @@ Two views:
   ``1 + 4/B`` bytes (a code, and a float32 absmax per block of ``B``). Per-tensor states
   (``Layout.TENSOR``) and the step counter cost bytes per *tensor*, factored states
   (``ROW``/``COL``) depend on the shape: both are 0 per element here and described in ``notes``.
+  A shape-dependent spec (Adafactor) is counted for a large matrix: its vector-only states cost
+  nothing there (noted).
   Mixed precision Adam (bf16 params and grads, fp32 master and moments): ``2 + 2 + 4 + 4 + 4 = 16``.
 * :func:`memory_for_params`: exact bytes for given parameters (real, or ``device="meta"``
   tensors of the model's shapes), with the small-tensor rule of 8-bit states, factored state
@@ -25,13 +27,13 @@ import torch
 from torch import Tensor
 
 from portopt.lowering.backend import step_counter_dtype
-from portopt.lowering.interpreter import state_shape
+from portopt.lowering.interpreter import state_shape, tensor_facts
 from portopt.precision.policy import PrecisionPolicy, dtype_name
 from portopt.precision.quantize import map_values
 from portopt.precision.signs import nonnegative_states
 from portopt.precision.storage import state_format
 from portopt.spec.definition import Spec
-from portopt.spec.symbols import Layout
+from portopt.spec.symbols import Layout, StateDecl
 
 
 def step_bytes() -> int:
@@ -82,8 +84,13 @@ def bytes_per_parameter(spec: Spec, policy: PrecisionPolicy, param_dtype: torch.
     large = (max(policy.min_8bit_size, 1),)  # a tensor big enough for every 8-bit rule
     states: dict[str, float] = {}
     notes = [f"step: {step_bytes()} bytes per parameter tensor"]
+    present = _present_for_matrices(spec, dtype)
     for decl in spec.states:
         fmt = state_format(policy, decl, large, dtype, nonnegative=decl.name in nonnegative)
+        if decl.name not in present:
+            states[decl.name] = 0.0
+            notes.append(f"{decl.name}: not kept for a large matrix (only where {_condition(spec, decl)})")
+            continue
         if decl.layout is Layout.ELEMENTWISE:
             states[decl.name] = 1 + 4 / fmt.block_size if fmt.quantized else float(fmt.dtype.itemsize)
             continue
@@ -95,6 +102,19 @@ def bytes_per_parameter(spec: Spec, policy: PrecisionPolicy, param_dtype: torch.
     size = float(dtype.itemsize)
     master = 4.0 if policy.needs_master(dtype) else 0.0
     return MemoryBreakdown(True, size, size, master, states, notes=tuple(notes))
+
+
+def _present_for_matrices(spec: Spec, dtype: torch.dtype) -> set[str]:
+    """The states a large matrix keeps (every state, for a spec that is not shape-dependent)."""
+    if not spec.shape_dependent:
+        return set(spec.state_names)
+    return set(spec.specialize(tensor_facts(torch.empty((4096, 4096), dtype=dtype, device="meta"))).state_names)
+
+
+def _condition(spec: Spec, decl: StateDecl) -> str:
+    from portopt.spec.render import render_expr
+
+    return "its when= holds" if decl.when is None else render_expr(decl.when, spec)
 
 
 def memory_for_params(spec: Spec, policy: PrecisionPolicy, params: Iterable[Tensor]) -> MemoryBreakdown:
@@ -111,7 +131,8 @@ def memory_for_params(spec: Spec, policy: PrecisionPolicy, params: Iterable[Tens
         if policy.needs_master(param.dtype):
             totals["master"] += 4 * param.numel()
         totals["step"] += step_bytes()
-        for decl in spec.states:
+        kept = spec.specialize(tensor_facts(param)) if spec.shape_dependent else spec
+        for decl in kept.states:
             fmt = state_format(policy, decl, param.shape, param.dtype, nonnegative=decl.name in nonnegative)
             states[decl.name] += fmt.nbytes(state_shape(decl, param.shape))
             if fmt.quantized is not None:

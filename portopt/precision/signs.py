@@ -70,9 +70,11 @@ def _unary(op: Op, a: Interval) -> Interval:
         return NON_NEGATIVE
     if op is Op.SIGN:
         return (0.0 if lo >= 0 else -1.0, 0.0 if hi <= 0 else 1.0)
-    if op in (Op.MEAN, Op.ROW_MEAN, Op.COL_MEAN):
+    if op in (Op.MEAN, Op.ROW_MEAN, Op.COL_MEAN, Op.ROW_MAX, Op.COL_MAX):
         return a
-    if op is Op.SUM:
+    if op is Op.FLOOR:
+        return (math.floor(a[0]) if math.isfinite(a[0]) else a[0], math.floor(a[1]) if math.isfinite(a[1]) else a[1])
+    if op in (Op.SUM, Op.ROW_SUM, Op.COL_SUM):
         return (0.0 if lo >= 0 else -math.inf, 0.0 if hi <= 0 else math.inf)
     return UNBOUNDED  # LOG
 
@@ -90,6 +92,8 @@ def _binary(op: Op, a: Interval, b: Interval, same_operand: bool) -> Interval:
         return (max(a[0], b[0]), max(a[1], b[1]))
     if op is Op.MINIMUM:
         return (min(a[0], b[0]), min(a[1], b[1]))
+    if op is Op.POW and a[0] >= 1 and b[1] <= 0:
+        return (0.0, 1.0)  # t^τ with τ <= 0 (Adafactor's 1 − β̂2_t)
     if op is Op.POW and a[0] >= 0:
         return NON_NEGATIVE
     return UNBOUNDED
@@ -106,6 +110,11 @@ def bounds(spec: Spec, root: Expr, state_bounds: Callable[[str], Interval]) -> I
         elif op is Op.HYPER:
             constraint = spec.hyperparameter(str(node.value)).constraint
             values[node] = (constraint.low, constraint.high)
+        elif op is Op.INPUT:
+            declared = next(i for i in spec.inputs if i.name == node.value).constraint
+            values[node] = (declared.low, declared.high)
+        elif op in (Op.NUMEL, Op.NDIM, Op.SIZE, Op.FINFO):
+            values[node] = NON_NEGATIVE
         elif op is Op.STEP:
             values[node] = (1.0, math.inf)
         elif op is Op.STATE:

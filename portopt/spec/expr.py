@@ -10,7 +10,10 @@ Leaves:
 * ``hyper(name)``: a hyperparameter, read from the optimizer's param group each step;
 * ``T``: the step counter ``t`` (1 at the first step, incremented before use);
 * ``P`` and ``G``: the parameter and its gradient;
-* ``state(name)``: a declared optimizer state, holding its value *before* this step.
+* ``state(name)``: a declared optimizer state, holding its value *before* this step;
+* ``step_input(name)``: a declared extra input of the step (SophiaG's ``step(bs=...)``);
+* ``numel()``, ``ndim()``, ``size(axis)``, ``finfo("eps")``: the stepped tensor's shape and
+  dtype (:mod:`portopt.spec.shapes`), known per tensor without reading it.
 
 Python's ``==`` keeps its structural meaning (expressions are dictionary keys); use
 :func:`eq` and :func:`ne` to build comparisons. An expression cannot be used as a
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from portopt.spec.errors import SpecError
-from portopt.spec.ops import OP_INFO, Op
+from portopt.spec.ops import FINFO_FIELDS, OP_INFO, Op
 
 Number: TypeAlias = int | float
 ExprLike: TypeAlias = "Expr | int | float"
@@ -57,9 +60,19 @@ class Expr:
     _hash: int = field(default=0, init=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.op, Op):
+            raise SpecError(f"an expression's op must be a portopt.spec.Op, got {self.op!r}")
         info = OP_INFO[self.op]
+        if not isinstance(self.args, tuple):
+            raise SpecError(
+                f"{self.op.value}(): operands must be a tuple of expressions, got {type(self.args).__name__}"
+            )
         if len(self.args) != info.arity:
             raise SpecError(f"op {self.op.value!r} takes {info.arity} operand(s), got {len(self.args)}")
+        for position, arg in enumerate(self.args):
+            if not isinstance(arg, Expr):
+                raise SpecError(_operand_message(self.op, position, arg))
+        _check_value(self.op, self.value)
         # Operands carry their own cached hash: hashing a node costs O(arity), never a walk.
         object.__setattr__(self, "_hash", hash((self.op, self.args, self.value, self.label)))
 
@@ -166,6 +179,37 @@ class Expr:
         return Expr(Op.NOT, (self,))
 
 
+def _operand_message(op: Op, position: int, arg: object) -> str:
+    what = f"operand {position + 1} of {op.value}()" if op is not Op.WHERE or position else "the condition of where()"
+    if isinstance(arg, bool):
+        return (
+            f"{what} is the Python bool {arg}, not an expression: `==` and `!=` on expressions compare their "
+            "structure (expressions are dictionary keys); build a comparison with eq(a, b) or ne(a, b), "
+            "e.g. where(eq(T, 1), ...)"
+        )
+    return f"{what} is {arg!r} ({type(arg).__name__}), not an expression; use a number or an expression"
+
+
+def _check_value(op: Op, value: object) -> None:
+    """A leaf's value has the type its op needs (a name, an axis, a dtype field), else :class:`SpecError`."""
+    if op in (Op.HYPER, Op.STATE, Op.INPUT):
+        if not isinstance(value, str) or not value:
+            raise SpecError(f"{op.value}(): the name must be a non-empty string, got {value!r}")
+    elif op is Op.CONST:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"const(): the value must be a number, got {value!r}")
+    elif op is Op.SIZE:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise SpecError(f"size(): the axis must be an integer (negative from the end), got {value!r}")
+        if not -8 <= int(value) < 8:
+            raise SpecError(f"size(): axis {int(value)} is out of range; a tensor has at most 8 dims here (-8..7)")
+    elif op is Op.FINFO:
+        if value not in FINFO_FIELDS:
+            raise SpecError(f"finfo(): field {value!r} is not one of {', '.join(FINFO_FIELDS)}")
+    elif value is not None:
+        raise SpecError(f"op {op.value!r} takes no value, got {value!r}")
+
+
 def as_expr(x: ExprLike) -> Expr:
     """Wrap a Python number as a constant; pass expressions through."""
     if isinstance(x, Expr):
@@ -188,6 +232,32 @@ def hyper(name: str) -> Expr:
 def state(name: str) -> Expr:
     """A reference to the declared state ``name``, holding its value before this step."""
     return Expr(Op.STATE, value=name)
+
+
+def step_input(name: str) -> Expr:
+    """A reference to the declared extra input ``name`` (a number passed to ``step(name=...)``)."""
+    return Expr(Op.INPUT, value=name)
+
+
+def numel() -> Expr:
+    """The number of elements of the stepped tensor (a per-tensor number known from its shape)."""
+    return Expr(Op.NUMEL)
+
+
+def ndim() -> Expr:
+    """The number of dims of the stepped tensor: ``where(ndim() >= 2, factored, full)`` picks a layout."""
+    return Expr(Op.NDIM)
+
+
+def size(axis: int) -> Expr:
+    """The size of ``axis`` of the stepped tensor (``size(-1)``: columns); 1 for an axis it lacks."""
+    value: object = axis
+    return Expr(Op.SIZE, value=float(axis) if type(value) is int else axis)
+
+
+def finfo(field: str = "eps") -> Expr:
+    """``torch.finfo(dtype).eps`` (or ``tiny``, ``max``) of the stepped tensor's dtype: a dtype-aware constant."""
+    return Expr(Op.FINFO, value=field)
 
 
 T = Expr(Op.STEP)
@@ -236,6 +306,16 @@ def log(x: ExprLike) -> Expr:
     return _unary(Op.LOG, x)
 
 
+def floor(x: ExprLike) -> Expr:
+    """The largest integer not above ``x``."""
+    return _unary(Op.FLOOR, x)
+
+
+def mod(a: ExprLike, b: ExprLike) -> Expr:
+    """``a mod b``, floored (the sign of ``b``), as Python's ``%``: ``eq(mod(T, k), 1)`` is every k-th step."""
+    return _binary(Op.MOD, a, b)
+
+
 def maximum(a: ExprLike, b: ExprLike) -> Expr:
     """Element-wise maximum (NaN-propagating, as torch.maximum)."""
     return _binary(Op.MAXIMUM, a, b)
@@ -267,6 +347,8 @@ def where(cond: Expr, if_true: ExprLike, if_false: ExprLike) -> Expr:
     With a condition that depends only on the step and hyperparameters (RAdam's
     ``rho_t > 5``), a lowering picks the branch once per step on the host.
     """
+    if not isinstance(cond, Expr):
+        raise SpecError(_operand_message(Op.WHERE, 0, cond))
     return Expr(Op.WHERE, (cond, as_expr(if_true), as_expr(if_false)))
 
 
@@ -291,13 +373,41 @@ def max_abs(x: ExprLike) -> Expr:
 
 
 def row_mean(x: ExprLike) -> Expr:
-    """Mean over the last axis, kept as a size-1 axis: a (..., rows, 1) factor."""
+    """Mean over the last axis, kept as a size-1 axis: a (..., rows, 1) factor of each trailing 2-D slice.
+
+    Of a column factor (..., 1, cols) it is one value per slice, (..., 1, 1). The mean of an
+    empty axis is 0.
+    """
     return _unary(Op.ROW_MEAN, x)
 
 
 def col_mean(x: ExprLike) -> Expr:
-    """Mean over the second-to-last axis, kept as a size-1 axis: a (..., 1, cols) factor."""
+    """Mean over the second-to-last axis, kept as a size-1 axis: a (..., 1, cols) factor.
+
+    Of a row factor (..., rows, 1) it is one value per trailing 2-D slice, (..., 1, 1)
+    (Adafactor's normaliser ``mean_rows(R)``). The mean of an empty axis is 0.
+    """
     return _unary(Op.COL_MEAN, x)
+
+
+def row_sum(x: ExprLike) -> Expr:
+    """Sum over the last axis, kept as a size-1 axis (see :func:`row_mean`)."""
+    return _unary(Op.ROW_SUM, x)
+
+
+def col_sum(x: ExprLike) -> Expr:
+    """Sum over the second-to-last axis, kept as a size-1 axis (see :func:`col_mean`)."""
+    return _unary(Op.COL_SUM, x)
+
+
+def row_max(x: ExprLike) -> Expr:
+    """Maximum over the last axis, kept as a size-1 axis (NaN-propagating; 0 over an empty axis)."""
+    return _unary(Op.ROW_MAX, x)
+
+
+def col_max(x: ExprLike) -> Expr:
+    """Maximum over the second-to-last axis, kept as a size-1 axis (NaN-propagating; 0 over an empty axis)."""
+    return _unary(Op.COL_MAX, x)
 
 
 def structurally_equal(a: Expr, b: Expr) -> bool:

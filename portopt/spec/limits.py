@@ -184,7 +184,18 @@ def check_spec_strings(spec: Spec) -> None:
         check_name(key, f"{name}: option {_preview(key)}")
         if isinstance(value, str):
             check_text(value, f"{name}: option {key} value")
-    for node in walk(list(spec.roots) + [s.init for s in spec.states]):
+    for declared in spec.inputs:
+        where = f"{name}: input {_preview(declared.name)}"
+        check_name(declared.name, f"{where} name")
+        check_text(declared.symbol, f"{where} symbol")
+        check_latex(declared.latex, f"{where} latex")
+        check_text(declared.doc, f"{where} doc", multiline=True)
+    for m in spec.methods:
+        check_name(m.name, f"{name}: method {_preview(m.name)} name")
+        check_text(m.doc, f"{name}: method {_preview(m.name)} doc", multiline=True)
+    extra = [s.when for s in spec.states if s.when is not None]
+    extra += [e for m in spec.methods for _, e in m.updates] + [m.due for m in spec.methods if m.due is not None]
+    for node in walk(list(spec.roots) + [s.init for s in spec.states] + extra):
         if node.label is not None:
             check_text(node.label.text, f"{name}: label {_preview(node.label.text)} text")
             check_latex(node.label.latex, f"{name}: label {_preview(node.label.text)} latex")

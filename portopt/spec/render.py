@@ -63,6 +63,11 @@ _FUNCTION_TEXT = {
     Op.MEAN: "mean",
     Op.ROW_MEAN: "rowmean",
     Op.COL_MEAN: "colmean",
+    Op.ROW_SUM: "rowsum",
+    Op.COL_SUM: "colsum",
+    Op.ROW_MAX: "rowmax",
+    Op.COL_MAX: "colmax",
+    Op.MOD: "mod",
 }
 _FUNCTION_LATEX = {
     Op.SIGN: r"\operatorname{sign}",
@@ -74,6 +79,11 @@ _FUNCTION_LATEX = {
     Op.MEAN: r"\operatorname{mean}",
     Op.ROW_MEAN: r"\operatorname{rowmean}",
     Op.COL_MEAN: r"\operatorname{colmean}",
+    Op.ROW_SUM: r"\operatorname{rowsum}",
+    Op.COL_SUM: r"\operatorname{colsum}",
+    Op.ROW_MAX: r"\operatorname{rowmax}",
+    Op.COL_MAX: r"\operatorname{colmax}",
+    Op.MOD: r"\operatorname{mod}",
 }
 _LAYOUT_WORDS = {Layout.TENSOR: "per tensor", Layout.ROW: "per row", Layout.COL: "per column"}
 
@@ -197,7 +207,29 @@ def _leaf(node: Expr, ctx: _Context) -> _Piece:
         return _Piece("p_{t-1}" if _PARAM_KEY in ctx.stale else "p", _ATOM, True)
     if node.op is Op.GRAD:
         return _Piece(("g_1" if ctx.initial else "g_t") if ctx.latex else "g", _ATOM, True)
-    raise AssertionError(f"not a leaf: {node.op}")
+    if node.op is Op.INPUT:
+        return _Piece(_input_symbol(str(node.value), ctx), _ATOM, True)
+    return _shape_leaf(node, ctx)
+
+
+def _input_symbol(name: str, ctx: _Context) -> str:
+    if ctx.spec is not None and name in ctx.spec.input_names:
+        declared = next(i for i in ctx.spec.inputs if i.name == name)
+        return declared.latex_symbol if ctx.latex else declared.text_symbol
+    return _mathrm(name) if ctx.latex else name
+
+
+def _shape_leaf(node: Expr, ctx: _Context) -> _Piece:
+    r"""``numel(p)``, ``ndim(p)``, ``size(p, −1)``, ``eps(dtype)`` (LaTeX: ``\operatorname{numel}(\theta)``, ...)."""
+    target = r"\theta" if ctx.latex else "p"
+    if node.op is Op.SIZE:
+        axis = _number(float(node.value or 0.0), ctx.latex).text
+        text = rf"\operatorname{{size}}_{{{axis}}}(\theta)" if ctx.latex else f"size(p, {axis})"
+    elif node.op is Op.FINFO:
+        text = rf"\operatorname{{{node.value}}}(\mathrm{{dtype}})" if ctx.latex else f"{node.value}(dtype)"
+    else:
+        text = rf"\operatorname{{{node.op.value}}}({target})" if ctx.latex else f"{node.op.value}({target})"
+    return _Piece(text, _ATOM, True)
 
 
 def _shared_symbol(number: int, latex: bool) -> str:
@@ -312,6 +344,9 @@ def _piece(node: Expr, ctx: _Context, get: Callable[[Expr], _Piece], root: bool)
         return _Piece(sign + _wrap(operand, operand.prec < _ATOM, ctx.latex), _NOT)
     if op is Op.WHERE:
         return _cases(node, ctx, root, get)
+    if op is Op.FLOOR:
+        inner = get(args[0]).text
+        return _Piece(rf"\lfloor {inner} \rfloor" if ctx.latex else f"⌊{inner}⌋", _ATOM, True)
     if op is Op.ABS:
         inner = get(args[0]).text
         return _Piece(rf"\lvert {inner} \rvert" if ctx.latex else f"|{inner}|", _ATOM, True)
@@ -464,7 +499,10 @@ def _shared_names(roots: Sequence[Expr], refs: Mapping[Expr, _Key]) -> dict[Expr
 def _equations(spec: Spec) -> tuple[list[_Equation], dict[Expr, _Key]]:
     """Every equation of ``spec``, in reading order, and the reference of each named node."""
     refs = _new_value_refs(spec)
-    roots: dict[_Key, Expr] = {("state", name): value for name, value in spec.updates}
+    # A state kept as it is in the step (one that only a method updates) has no equation here.
+    roots: dict[_Key, Expr] = {
+        ("state", name): value for name, value in spec.updates if not (value.op is Op.STATE and value.value == name)
+    }
     roots[_PARAM_KEY] = spec.param_update
     natural_roots = list(roots)
     shared = _shared_names(list(roots.values()), refs)
@@ -587,25 +625,59 @@ def _header(spec: Spec, latex: bool) -> list[str]:
     for s in spec.states:
         symbol = _subscript(s.latex_symbol, "0") if latex else s.symbol
         notes = [s.name] + ([_LAYOUT_WORDS[s.layout]] if s.layout in _LAYOUT_WORDS else [])
+        if s.when is not None:
+            notes.append(("if " if not latex else r"\text{if } ") + _inline(s.when, ctx))
         states.append(f"{symbol} = {_inline(s.init, ctx)} ({', '.join(notes)})")
-    return [
+    lines = [
         f"{spec.title} ({spec.name}{_option_text(spec.options)})",
         f"hyperparameters: {'; '.join(hypers) or 'none'}",
         f"state: {'; '.join(states) or 'none'}",
     ]
+    if spec.inputs:
+        inputs = []
+        for i in spec.inputs:
+            symbol = i.latex_symbol if latex else i.text_symbol
+            inputs.append(f"{symbol} = {_number(i.default, latex).text} (step({i.name}=...))")
+        lines.append(f"inputs: {'; '.join(inputs)}")
+    return lines
+
+
+def _method_lines(spec: Spec, latex: bool) -> list[str]:
+    """Each method as ``update_hessian(): h ← β2·h + (1 − β2)·g²`` (and its cadence)."""
+    lines = []
+    for m in spec.methods:
+        ctx = _Context(latex, spec, {})
+        arrow = r"\leftarrow" if latex else "←"
+        parts = []
+        for name, expr in m.updates:
+            lhs = _new_state(name, ctx) if latex else _state_symbol(name, ctx)
+            parts.append(f"{lhs} {arrow} {_inline(expr, ctx)}")
+        due = "" if m.due is None else (f" (after steps where {_inline(m.due, _Context(latex, spec, {}))})")
+        escaped = m.name.replace("_", r"\_")
+        head = rf"\text{{{escaped}()}}" if latex else f"{m.name}()"
+        lines.append(f"{head}: {'; '.join(parts)}{due}")
+    return lines
 
 
 # public -----------------------------------------------------------------------------
 def render_text(spec: Spec, *, header: bool = True) -> str:
     """The spec as plain text: a header (title, hyperparameters, states), then one equation per line."""
-    return "\n".join([*(_header(spec, latex=False) if header else []), *_equation_lines(spec, latex=False)])
+    return "\n".join(
+        [
+            *(_header(spec, latex=False) if header else []),
+            *_equation_lines(spec, latex=False),
+            *_method_lines(spec, False),
+        ]
+    )
 
 
 def render_latex(spec: Spec, *, header: bool = True) -> str:
-    """The spec as a LaTeX ``aligned`` block; the header, if asked for, as ``%`` comment lines."""
+    """The spec as a LaTeX ``aligned`` block; the header (and the methods after the block), if asked for, as
+    ``%`` comment lines."""
     comments = [f"% {line}" for line in _header(spec, latex=True)] if header else []
     body = " \\\\\n".join(_equation_lines(spec, latex=True))
-    return "\n".join([*comments, r"\begin{aligned}", body, r"\end{aligned}"])
+    methods = [f"% {line}" for line in _method_lines(spec, latex=True)] if header else []
+    return "\n".join([*comments, r"\begin{aligned}", body, r"\end{aligned}", *methods])
 
 
 def render_expr(expr: Expr, spec: Spec | None = None, *, latex: bool = False) -> str:

@@ -11,7 +11,11 @@ Layout (version 1)::
      "states": [{"name", "symbol", "latex", "init": <node>, "layout", "doc"}, ...],
      "updates": [{"state": "exp_avg", "value": <node>}, ...],
      "param_update": <node>,
-     "options": [[key, value], ...], "references": [...], "notes": ...}
+     "options": [[key, value], ...], "references": [...], "notes": ...,
+     "inputs": [{"name", "default", "constraint", "symbol", "latex", "doc"}, ...],      (only if any)
+     "methods": [{"name", "updates": [{"state", "value"}, ...], "due": <node> | null, "doc"}, ...]}
+
+A state may carry ``"when": <node>`` (it exists only for tensors whose shape satisfies it).
 
 ``-0.0`` is written as ``0.0`` (the two compare equal, so equal specs give equal bytes).
 
@@ -51,8 +55,8 @@ from portopt.spec.limits import (
     check_name,
     check_text,
 )
-from portopt.spec.ops import Op
-from portopt.spec.symbols import Hyperparameter, Layout, Range, StateDecl
+from portopt.spec.ops import FINFO_FIELDS, Op
+from portopt.spec.symbols import Hyperparameter, Input, Layout, Method, Range, StateDecl
 
 __all__ = ["FORMAT", "VERSION", "spec_from_dict", "spec_from_json", "spec_to_dict", "spec_to_json"]
 
@@ -75,6 +79,8 @@ _TOP_KEYS = (
     "options",
     "references",
     "notes",
+    "inputs",
+    "methods",
 )
 _T = TypeVar("_T")
 
@@ -101,7 +107,7 @@ def _node_out(node: Expr, index: Mapping[Expr, int]) -> dict[str, Any]:
     out: dict[str, Any] = {"op": node.op.value}
     if node.args:
         out["args"] = [index[a] for a in node.args]
-    if node.op is Op.CONST:
+    if node.op in (Op.CONST, Op.SIZE):
         out["value"] = _number_out(float(node.value or 0.0))
     elif node.value is not None:
         out["value"] = str(node.value)
@@ -130,12 +136,23 @@ def _hyper_out(h: Hyperparameter) -> dict[str, Any]:
     }
 
 
+def _range_out(r: Range) -> dict[str, Any]:
+    return {
+        "low": _number_out(r.low),
+        "high": _number_out(r.high),
+        "low_inclusive": r.low_inclusive,
+        "high_inclusive": r.high_inclusive,
+    }
+
+
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
     """The JSON-ready form of ``spec`` (see the module docstring for the layout)."""
     roots = [s.init for s in spec.states] + [e for _, e in spec.updates] + [spec.param_update]
+    roots += [s.when for s in spec.states if s.when is not None]
+    roots += [e for m in spec.methods for _, e in m.updates] + [m.due for m in spec.methods if m.due is not None]
     nodes = walk(roots)
     index = {node: i for i, node in enumerate(nodes)}
-    return {
+    out = {
         "format": FORMAT,
         "version": VERSION,
         "name": spec.name,
@@ -150,6 +167,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
                 "init": index[s.init],
                 "layout": s.layout.value,
                 "doc": s.doc,
+                **({"when": index[s.when]} if s.when is not None else {}),
             }
             for s in spec.states
         ],
@@ -159,6 +177,29 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         "references": list(spec.references),
         "notes": spec.notes,
     }
+    if spec.inputs:
+        out["inputs"] = [
+            {
+                "name": i.name,
+                "default": _number_out(i.default),
+                "constraint": _range_out(i.constraint),
+                "symbol": i.symbol,
+                "latex": i.latex,
+                "doc": i.doc,
+            }
+            for i in spec.inputs
+        ]
+    if spec.methods:
+        out["methods"] = [
+            {
+                "name": m.name,
+                "updates": [{"state": n, "value": index[e]} for n, e in m.updates],
+                "due": None if m.due is None else index[m.due],
+                "doc": m.doc,
+            }
+            for m in spec.methods
+        ]
+    return out
 
 
 def _compact(value: Any) -> str:
@@ -223,6 +264,11 @@ def _list(obj: Mapping[str, Any], key: str, where: str, limit: int) -> list[Any]
     if len(value) > limit:
         raise _fail(where, f"{key!r} has {len(value)} entries; at most {limit} are accepted")
     return value
+
+
+def _optional_list(top: Mapping[str, Any], key: str) -> list[Any]:
+    """A top-level list written only when not empty (``inputs``, ``methods``)."""
+    return _list(top, key, "top level", MAX_DECLARATIONS) if key in top else []
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -292,7 +338,14 @@ def _nodes_in(raw: list[Any]) -> list[Expr]:
         value: float | str | None = None
         if op is Op.CONST:
             value = _number_in(obj.get("value"), f"{where} (const) value")
-        elif op in (Op.HYPER, Op.STATE):
+        elif op is Op.SIZE:
+            value = _number_in(obj.get("value"), f"{where} (size) axis", finite=True)
+        elif op is Op.FINFO:
+            field = _field(obj, "value", str, where)
+            if field not in FINFO_FIELDS:
+                raise _fail(where, f"finfo field {_show(field)} is not one of {', '.join(FINFO_FIELDS)}")
+            value = field
+        elif op in (Op.HYPER, Op.STATE, Op.INPUT):
             value = _name(obj, "value", where)
         elif "value" in obj:
             raise _fail(where, f"op {op_name!r} takes no value")
@@ -349,10 +402,51 @@ def _hyper_in(item: Any, i: int) -> Hyperparameter:
     )
 
 
+def _range_in(obj: Mapping[str, Any], where: str) -> Range:
+    c = _object(_field(obj, "constraint", dict, where), f"{where} constraint")
+    _exact_keys(c, ("low", "high", "low_inclusive", "high_inclusive"), f"{where} constraint")
+    low, high = (_number_in(c.get(end), f"{where} constraint {end}") for end in ("low", "high"))
+    if math.isnan(low) or math.isnan(high):
+        raise _fail(f"{where} constraint", "an end of a range must be a number or 'inf'/'-inf', not 'nan'")
+    return Range(
+        low,
+        high,
+        _field(c, "low_inclusive", bool, f"{where} constraint"),
+        _field(c, "high_inclusive", bool, f"{where} constraint"),
+    )
+
+
+def _input_in(item: Any, i: int) -> Input:
+    where = f"input {i}"
+    obj = _object(item, where)
+    _exact_keys(obj, ("name", "default", "constraint", "symbol", "latex", "doc"), where)
+    return Input(
+        name=_name(obj, "name", where),
+        default=_number_in(obj.get("default"), f"{where} default", finite=True),
+        constraint=_range_in(obj, where),
+        symbol=_text(obj, "symbol", where),
+        latex=_latex(obj, "latex", where),
+        doc=_text(obj, "doc", where, multiline=True),
+    )
+
+
+def _method_in(item: Any, i: int, nodes: list[Expr]) -> Method:
+    where = f"method {i}"
+    obj = _object(item, where)
+    _exact_keys(obj, ("name", "updates", "due", "doc"), where)
+    due_ref = obj.get("due")
+    return Method(
+        name=_name(obj, "name", where),
+        updates=_updates_in(_list(obj, "updates", where, MAX_DECLARATIONS), nodes),
+        due=None if due_ref is None else _node_ref(nodes, due_ref, f"{where} due"),
+        doc=_text(obj, "doc", where, multiline=True),
+    )
+
+
 def _state_in(item: Any, i: int, nodes: list[Expr]) -> StateDecl:
     where = f"state {i}"
     obj = _object(item, where)
-    _exact_keys(obj, ("name", "symbol", "latex", "init", "layout", "doc"), where)
+    _exact_keys(obj, ("name", "symbol", "latex", "init", "layout", "doc", "when"), where)
     layout = _field(obj, "layout", str, where)
     if layout not in _LAYOUTS:
         raise _fail(where, f"unknown layout {_show(layout)} (known: {', '.join(_LAYOUTS)})")
@@ -363,6 +457,7 @@ def _state_in(item: Any, i: int, nodes: list[Expr]) -> StateDecl:
         init=_node_ref(nodes, obj.get("init"), f"{where} init"),
         layout=_LAYOUTS[layout],
         doc=_text(obj, "doc", where, multiline=True),
+        when=_node_ref(nodes, obj["when"], f"{where} when") if "when" in obj else None,
     )
 
 
@@ -427,8 +522,13 @@ def spec_from_dict(data: Mapping[str, Any]) -> Spec:
     param_update = _node_ref(nodes, top.get("param_update"), "param_update")
     option_pairs = tuple(_option_in(o, i) for i, o in enumerate(options))
     notes = _text(top, "notes", "top level", multiline=True)
+    inputs = tuple(_input_in(x, i) for i, x in enumerate(_optional_list(top, "inputs")))
+    methods = tuple(_method_in(x, i, nodes) for i, x in enumerate(_optional_list(top, "methods")))
     try:
-        return Spec(name, title, declared, state_decls, updates, param_update, option_pairs, tuple(references), notes)
+        return Spec(
+            name, title, declared, state_decls, updates, param_update, option_pairs, tuple(references), notes,
+            inputs, methods,
+        )  # fmt: skip
     except SpecError as exc:
         raise _fail("the spec", str(exc)) from None
     except HyperparameterError as exc:  # a default outside its own range: still a malformed spec

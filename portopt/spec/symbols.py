@@ -117,7 +117,10 @@ class StateDecl:
 
     ``name`` is the key in the optimizer's per-parameter state (torch.optim's name
     where torch has the algorithm, e.g. ``exp_avg``); ``init`` is its value before the
-    first step: an expression of constants, hyperparameters, ``P`` or ``G``.
+    first step: an expression of constants, hyperparameters, ``P`` or ``G``. ``when``, a
+    condition on the tensor's shape and dtype only (``ndim() >= 2``), says for which
+    tensors the state exists (``None``: for all): Adafactor keeps row and column factors for
+    matrices and a full second moment for vectors, in one spec.
     """
 
     name: str
@@ -126,7 +129,58 @@ class StateDecl:
     init: Expr = ZERO
     layout: Layout = Layout.ELEMENTWISE
     doc: str = ""
+    when: Expr | None = None
 
     @property
     def latex_symbol(self) -> str:
         return self.latex or self.symbol
+
+
+@dataclass(frozen=True)
+class Input:
+    """A declared extra input of the step: a number passed per call, ``step(bs=5120)``.
+
+    Unlike a hyperparameter (a param-group setting), an input belongs to one call of
+    ``step``; ``default`` is used when a call does not pass it. ``constraint`` is checked
+    like a hyperparameter's.
+    """
+
+    name: str
+    default: float
+    constraint: Range = ANY
+    symbol: str = ""
+    latex: str = ""
+    doc: str = ""
+
+    @property
+    def text_symbol(self) -> str:
+        return self.symbol or self.name
+
+    @property
+    def latex_symbol(self) -> str:
+        return self.latex or rf"\mathrm{{{self.name}}}".replace("_", r"\_")
+
+    def check(self, value: float, algorithm: str) -> None:
+        """Raise :class:`HyperparameterError` if ``value`` violates the constraint."""
+        if not self.constraint.contains(float(value)):
+            raise HyperparameterError(
+                f"Invalid {self.name} value: {value} ({algorithm}: input {self.name} must satisfy "
+                f"{self.constraint.describe(self.name)})"
+            )
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named update of some states that runs between steps (SophiaG's ``update_hessian()``).
+
+    ``updates`` pair state names with new values, read from ``p``, ``g`` (the gradient present
+    when the method is called), the states before the call, hyperparameters and ``t`` (the
+    steps taken so far); the parameter and the step counter are left alone. ``due``, a
+    boolean of ``t`` and hyperparameters (``eq(mod(T, hyper("k")), 0)``), is the cadence the
+    algorithm is meant to be run at: :meth:`portopt.Optimizer.method_due` evaluates it.
+    """
+
+    name: str
+    updates: tuple[tuple[str, Expr], ...]
+    due: Expr | None = None
+    doc: str = ""
