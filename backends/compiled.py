@@ -1,33 +1,37 @@
 """The compiled backend: each spec's generated kernel, compiled by torch.compile/Inductor.
 
 :mod:`portopt.lowering.codegen` writes one straight-line torch function per spec; this
-backend hands it to ``torch.compile`` (Inductor: C++/OpenMP on the CPU, Triton on CUDA
-and XPU), so a step is one pass over each tensor: every element of ``p``, ``g`` and the
-states is read once and written once, with step-only scalars computed on the host in
-float64 and passed in one small tensor (changing ``lr``, the betas or ``t`` never
-recompiles). A spec with per-tensor reductions of element-wise values (LAMB's norms)
-needs them before the parameter is written, so its kernel makes two passes: one reads
-``p, g, m, v`` and reduces (``‖p‖``, ``‖u‖``), the other recomputes ``u`` from the same
-inputs and writes ``p, m, v`` (44 instead of 28 bytes per fp32 element; the fewest two
-passes can move is 40, by storing ``m, v`` in the first, which would then need ``u``
-rebuilt from rounded states). Inductor is told to recompute, not store, such values
-(:func:`_inductor_options`): storing ``u`` costs a tensor-sized temporary, freshly
-page-faulted every step (measured 46 ms against 35 ms for LAMB on 20M fp32 elements on
-one core).
+backend applies it to several parameters at once ("slots") and hands that to ``torch.compile``
+(Inductor: C++/OpenMP on the CPU, Triton on CUDA and XPU, where the slots' kernels become one
+launch), so a step is a few calls per group, each one pass over its tensors: every element of
+``p``, ``g`` and the states is read once and written once, with step-only scalars computed on
+the host in float64 and passed in one small tensor, one row per slot (changing ``lr``, the
+betas or ``t`` never recompiles). :mod:`portopt.backends.compiled_graphs` builds the graphs
+(one per slot kind: device, dtypes, storage of each state, rank; small tensors on serial
+graphs of :data:`SERIAL_ARITY` slots, large ones on parallel graphs of :data:`PARALLEL_ARITY`);
+every dimension is dynamic, so one graph serves every mix of sizes. Graphs are compiled once
+per process per (spec, kind) (:func:`compiled_graph`) and shared by every step function of an
+equal spec; Inductor's FX-graph cache (``TORCHINDUCTOR_CACHE_DIR``) keeps the compiled code
+between processes.
 
-Shapes: tensors go in flattened to 1-D (a spec with row/column-factored states keeps a
-``(rows, cols)`` or ``(batch, rows, cols)`` view) with their sizes marked dynamic, so one
-compiled graph serves every tensor size. A graph is compiled per *signature* (device,
-dtypes of ``p``, ``g`` and each state, rank) the first time the step meets it, on small
-scratch tensors before any parameter is touched, then checked on scratch tensors of
-another size against the uncompiled function. Inductor's FX-graph cache (under
-``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_$USER``) keeps the compiled
-code, so a second process pays tracing and loading, not the C++/Triton compile.
+Per-step host work does not grow with the work done per tensor: the first step over a list of
+parameters checks everything and builds a plan (:mod:`portopt.backends.compiled_plan`: slot
+kinds, the graphs' argument lists, the step counters as one tensor); later steps confirm the
+inputs are the planned ones (identities, and dtype/shape/strides through dynamo's C++ tensor
+guards: :mod:`portopt.lowering.input_snapshot`) and run the calls.
 
-Per call, the compiled graph is invoked directly with its arguments (sizes and tensors,
-in the order dynamo recorded) instead of through dynamo's guard check: the step has
-already checked what the guards would (device, dtype, rank, contiguity, size >= 2), and
-this cuts the per-tensor overhead from about 40 us to about 10 us on a small CPU.
+A spec with per-tensor reductions of element-wise values (LAMB's norms) needs them before the
+parameter is written, so its kernel makes two passes: one reads ``p, g, m, v`` and reduces
+(``‖p‖``, ``‖u‖``), the other recomputes ``u`` from the same inputs and writes ``p, m, v`` (44
+instead of 28 bytes per fp32 element; the fewest two passes can move is 40, by storing ``m, v``
+in the first, which would then need ``u`` rebuilt from rounded states). Inductor is told to
+recompute, not store, such values (:func:`inductor_options`): storing ``u`` costs a tensor-sized
+temporary, freshly page-faulted every step.
+
+Precision policies (:func:`build_policy_step`): bf16 states are loaded and stored in the same
+pass; 8-bit block-wise states are decoded, updated and encoded in the pass too
+(:mod:`portopt.precision.q8_kernel`), bit for bit the codes of :mod:`portopt.precision.quantize`
+(a spec with element reductions or factored states keeps its 8-bit states on the generic path).
 
 ``backend="auto"`` chooses this backend for a spec no torch fused kernel computes, on a
 param group of at least :func:`auto_min_numel` elements on one device (compiling must pay
@@ -38,15 +42,15 @@ that one op uses twice (it inlines ``x`` into ``x + x`` twice, so ``x + x`` nest
 a 2 KB spec, took 200 s). A spec whose kernel has more than :data:`MAX_KERNEL_NODES`
 computed nodes, or would unfold to more than :data:`MAX_INLINED` (see
 :func:`~portopt.lowering.codegen.kernel_size`), is not served (``unsupported_reason``):
-``"auto"`` takes the generic backend, and naming ``"compiled"`` raises with the reason. The
-library's largest spec has 34 nodes and unfolds to 54.
+``"auto"`` takes the generic backend, and naming ``"compiled"`` raises with the reason.
 
 A spec that reads the tensor's shape or dtype (``numel``, ``finfo``, a state layout chosen per rank:
-Adafactor, CAME) is not served yet (``unsupported_reason``): ``"auto"`` takes the generic backend.
+Adafactor, CAME), or a node kind the generated kernel does not know (a declared input: SophiaG), is
+not served yet (``unsupported_reason``): ``"auto"`` takes the generic backend.
 
-Tensors the compiled graph does not take (fewer than 2 elements, non-contiguous, a
-factored dimension of 1, a device without a compiler) run the same generated function
-uncompiled: same arithmetic, same rounding, more memory traffic.
+Tensors no graph takes (non-contiguous, sizes a graph was not found right for, a device
+without a compiler) are stepped by the generic backend's executor: same arithmetic, same
+rounding, more memory traffic.
 
 All or nothing: every check, state initialisation, host scalar and compilation happens
 before the first write; only an unexpected failure inside a compiled kernel (out of

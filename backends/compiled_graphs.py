@@ -39,12 +39,11 @@ steps such tensors another way.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -53,8 +52,14 @@ from portopt.lowering.codegen import KernelPlan
 from portopt.precision.q8_kernel import dequantize_rows, packed_code_table, padded_map, quantize_rows
 from portopt.spec.symbols import Layout
 
-COMPILE_COUNT = itertools.count()
-"""Incremented by every Inductor compilation of a chunk graph (tests read it: no recompiles)."""
+_compilations = 0
+
+
+def compilations() -> int:
+    """How many chunk graphs Inductor compiled in this process (a benchmark reads it: no recompiles)."""
+    return _compilations
+
+
 _PARALLEL_HINT = 1 << 17
 """Elements per slot of the scratch a parallel graph is traced on: Inductor decides from the traced
 sizes whether a loop is worth parallelising (a graph traced at a few thousand elements runs
@@ -243,10 +248,11 @@ class ChunkGraph:
             # AOTAutograd's own cache would hand back the wrapped function without calling inner_compile;
             # Inductor's FX-graph cache below it still saves the C++/Triton compile.
             with torch._inductor.config.patch(options), torch._functorch.config.patch(enable_autograd_cache=False):
-                compiled: Callable[..., Any] = compile_fx(gm, example_inputs, inner_compile=inner_compile)
+                compiled = cast(Callable[..., Any], compile_fx(gm, example_inputs, inner_compile=inner_compile))
             captured.append((list(example_inputs), compiled))
             self.graphs_compiled += 1
-            next(COMPILE_COUNT)
+            global _compilations
+            _compilations += 1
             return compiled
 
         traced = torch.compile(chunk_function(plan, key.kind, key.arity), backend=capture, fullgraph=True)
@@ -411,8 +417,8 @@ def _check_sizes(key: GraphKey, edge: bool) -> list[tuple[int, ...]]:
     if block:
         cases = [block, 2 * block + 1, 1, block - 1, 3 * block, block + 1]
         return [_with_numel(rank, cases[k % len(cases)]) for k in range(key.arity)]
-    cases = [(0,), (1,), (2,), (1, 7), (0, 3), (7, 1), (1, 1)]
-    return [_fit_rank(cases[k % len(cases)], rank) for k in range(key.arity)]
+    shapes: list[tuple[int, ...]] = [(0,), (1,), (2,), (1, 7), (0, 3), (7, 1), (1, 1)]
+    return [_fit_rank(shapes[k % len(shapes)], rank) for k in range(key.arity)]
 
 
 def is_edge(kind: SlotKind, shape: tuple[int, ...]) -> bool:

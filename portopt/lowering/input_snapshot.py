@@ -51,8 +51,8 @@ def tensor_guards(tensors: Sequence[Tensor]) -> Any:
 
         return TensorGuards(
             *tensors,
-            dynamic_dims_sizes=[list(t.shape) for t in tensors],
-            dynamic_dims_strides=[list(t.stride()) for t in tensors],
+            dynamic_dims_sizes=[list(t.shape) for t in tensors],  # type: ignore[misc]
+            dynamic_dims_strides=[list(t.stride()) for t in tensors],  # type: ignore[misc]
         )
     except (ImportError, TypeError, RuntimeError):
         return _PythonGuards(tensors)

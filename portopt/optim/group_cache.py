@@ -180,7 +180,7 @@ class VersionedState(defaultdict):  # type: ignore[type-arg]
         self._changed()
         return super().setdefault(key, default)
 
-    def __ior__(self, other: Any) -> VersionedState:
+    def __ior__(self, other: Any) -> VersionedState:  # type: ignore[misc]
         self._changed()
         super().__ior__(other)
         return self

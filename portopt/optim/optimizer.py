@@ -176,7 +176,7 @@ class Optimizer(torch.optim.Optimizer):
         if before_groups is not None:
             before_groups()
         super().__init__(params, defaults)
-        self.state = versioned(self.state)  # type: ignore[assignment]
+        self.state = versioned(self.state)
 
     def _reset_caches(self) -> None:
         self._backends: dict[tuple[Any, ...], Backend] = {}
@@ -478,11 +478,15 @@ class Optimizer(torch.optim.Optimizer):
         backend = self._selected(spec, device, numel, mode)
         if policy is None or backend.build_with_policy is not None:
             return backend
-        fallback = self._backends.get((device.type, "+policy"))
+        if self._auto_thresholds is None:
+            self._auto_thresholds = backends.auto_thresholds()
+        reached = max((n for n in self._auto_thresholds if n <= numel), default=0)
+        key = (device.type, "+policy", spec, reached)
+        fallback = self._backends.get(key)
         if fallback is None:
             named = self.backend != "auto" or mode is not Mode.DEFAULT
-            fallback = amp.policy_backend(device, backend, named, policy)
-            self._backends[(device.type, "+policy")] = fallback
+            fallback = amp.policy_backend(device, backend, named, policy, spec, reached)
+            self._backends[key] = fallback
         return fallback
 
     def _selected(self, spec: Spec, device: torch.device, numel: int, mode: Mode = Mode.DEFAULT) -> Backend:
@@ -577,7 +581,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.state = versioned(self.state)  # type: ignore[assignment]
+        self.state = versioned(self.state)
         if not hasattr(self, "backend"):
             self.backend = "auto"
         for group in self.param_groups:
