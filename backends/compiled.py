@@ -197,12 +197,14 @@ def inductor_options(plan: KernelPlan, key: GraphKey) -> dict[str, Any]:
     * no size assertions and no bounds checks on table lookups: the caller checks what they
       would (module doc), and an 8-bit code or a float's top 16 bits cannot leave their tables;
     * one thread for a serial graph (:data:`PARALLEL_MIN_NUMEL`);
-    * with per-tensor reductions or 8-bit states, recompute rather than store: a value both
-      reduced (LAMB's ``‖u‖``, a block's absmax) and used after the reduction (``p − lr·r·u``,
-      the codes) would otherwise be stored to a temporary the size of the tensor between the
-      reduction and its use (a write and a read more, and a fresh allocation whose first touch
-      page-faults every step); recomputing it from the inputs costs arithmetic only, and the
-      inputs of one 8-bit block are still in cache;
+    * with per-tensor reductions, recompute rather than store: a value both reduced (LAMB's
+      ``‖u‖``) and used after the reduction (``p − lr·r·u``) would otherwise be stored to a
+      temporary the size of the tensor between the reduction and its use (a write and a read
+      more, and a fresh allocation whose first touch page-faults every step); recomputing it
+      from the inputs costs arithmetic only. Not for 8-bit states: their encoder uses the new
+      value several times, and inlining every use into every other makes Inductor's lowering
+      exponential in the chain (minutes for Adam's two states); Inductor keeps a block's new
+      values in a temporary between its absmax and its codes;
     * on GPUs, Inductor's combo kernels: the slots' kernels become one launch.
     """
     wanted: dict[str, Any] = {"size_asserts": False, "assert_indirect_indexing": False}
@@ -210,7 +212,7 @@ def inductor_options(plan: KernelPlan, key: GraphKey) -> dict[str, Any]:
         wanted["cpp.threads"] = 1
     if key.kind.device.type != "cpu":
         wanted["combo_kernels"] = True
-    if plan.reductions or key.kind.q8_maps:
+    if plan.reductions:
         wanted.update(
             {
                 "realize_reads_threshold": 64,

@@ -76,5 +76,6 @@ def test_decoding_is_the_reference_s(name: str) -> None:
 
 def test_a_code_outside_the_signed_map_reads_nan_not_memory_past_it() -> None:
     qmap = padded_map("signed", CPU)
-    assert qmap.numel() == 256 and torch.isnan(qmap[255])
+    assert qmap.numel() == 256
+    assert torch.isnan(qmap[255])
     assert torch.equal(qmap[:255], quantization_map("signed"))
