@@ -8,7 +8,8 @@
 * The front end checks a group once: later steps of an unchanged group run no per-parameter input
   checks, and stay equal to torch.optim through a learning-rate schedule, a loaded checkpoint, a
   parameter losing its gradient, a non-contiguous gradient and a new param group; a bad value
-  after caching raises and changes nothing.
+  after caching raises and changes nothing; nothing recompiles across steps, a learning-rate
+  schedule and a changed param group.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import portopt
 from portopt.algorithms import get_spec
 from portopt.backends import compiled as compiled_module
 from portopt.backends.compiled import CompiledStep, compile_unavailable_reason
+from portopt.backends.compiled_graphs import compilations
 from portopt.backends.reference import build_reference_step
 from portopt.lowering.backend import ParamState
 from portopt.optim import optimizer as optimizer_module
@@ -247,3 +249,28 @@ def test_a_bad_value_after_caching_raises_and_changes_nothing(backend: str) -> N
     opt.param_groups[0]["lr"] = 1e-2
     opt.step()
     assert not torch.equal(params[0], before[0])
+
+
+def test_no_recompile_across_steps_schedules_and_a_changed_param_group() -> None:
+    gen = torch.Generator().manual_seed(10)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40,), (6, 7), (13,)]]
+    opt = portopt.Lion(params, lr=1e-2, backend="compiled")
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+
+    def step() -> None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        schedule.step()
+
+    step()
+    compiled_before = compilations()
+    for _ in range(5):
+        step()
+    opt.param_groups[0]["params"].pop()  # a parameter leaves the group
+    step()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(9, 2, generator=gen))], "lr": 1e-3})
+    for _ in range(3):
+        step()
+    assert compilations() == compiled_before
