@@ -49,6 +49,8 @@ from portopt.lowering.step_counters import StepCounters
 from portopt.precision.quantize import Q8State
 from portopt.spec.symbols import Layout
 
+Q8_MAX_ARITY = 4
+"""Most slots per call of a graph with 8-bit states: its compile time grows faster than its slot count."""
 InitialState = Callable[[Tensor, Tensor, Hypers, torch.dtype], dict[str, Any]]
 """Creates the states of a parameter before its first step (``param_dtype``: the model's dtype)."""
 Fallback = Callable[[list[Tensor], list[Tensor], list[ParamState], Hypers, list[torch.dtype], list[int]], None]
@@ -181,6 +183,8 @@ class GroupPlan:
     def _key(self, kind: SlotKind, param: Tensor) -> GraphKey:
         parallel = param.numel() >= self.ctx.parallel_min_numel
         arity = self.ctx.parallel_arity if parallel else self.ctx.serial_arity
+        if kind.q8_maps:  # each 8-bit slot is two loop nests with a gather-heavy codec: compile time
+            arity = min(arity, Q8_MAX_ARITY)
         return GraphKey(kind, arity, parallel)
 
     # packing --------------------------------------------------------------------------

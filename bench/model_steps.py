@@ -254,7 +254,17 @@ def main(argv: list[str] | None = None) -> None:
     info = machine()
     flags = isa()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ISA {flags}")
-    cases = []
+    cases: list[dict[str, Any]] = []
+    result = {
+        "benchmark": "model_steps",
+        "command": " ".join(["python -m bench.model_steps", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": info,
+        "isa": flags,
+        "rounds": args.rounds,
+        "cases": cases,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / args.output
     for set_name in args.sets or list(shape_sets.SHAPE_SETS):
         for name in args.workloads or list(table):
             case = bench_case(set_name, table[name], args.rounds)
@@ -267,18 +277,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"  {row['us_per_tensor']:.2f} us/tensor  recompiles {case['graphs_compiled_during_rounds']}",
                     flush=True,
                 )
-    result = {
-        "benchmark": "model_steps",
-        "command": " ".join(["python -m bench.model_steps", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": info,
-        "isa": flags,
-        "rounds": args.rounds,
-        "cases": cases,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / args.output
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
+            # written after every case: a long run stopped early keeps what it measured
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+            stem.with_suffix(".md").write_text(markdown(result))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
