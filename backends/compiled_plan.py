@@ -49,8 +49,10 @@ from portopt.lowering.step_counters import StepCounters
 from portopt.precision.quantize import Q8State
 from portopt.spec.symbols import Layout
 
-Q8_MAX_ARITY = 4
-"""Most slots per call of a graph with 8-bit states: its compile time grows faster than its slot count."""
+Q8_MAX_ARITY = 1
+"""Most slots per call of a graph with 8-bit states. Its compile time grows much faster than its slot
+count (on this project's loaded 2-core machine: 30 s for one slot, more than 13 minutes for four), and an
+8-bit state is only used for tensors of at least 4096 elements, whose call overhead is small beside them."""
 InitialState = Callable[[Tensor, Tensor, Hypers, torch.dtype], dict[str, Any]]
 """Creates the states of a parameter before its first step (``param_dtype``: the model's dtype)."""
 Fallback = Callable[[list[Tensor], list[Tensor], list[ParamState], Hypers, list[torch.dtype], list[int]], None]
@@ -183,7 +185,7 @@ class GroupPlan:
     def _key(self, kind: SlotKind, param: Tensor) -> GraphKey:
         parallel = param.numel() >= self.ctx.parallel_min_numel
         arity = self.ctx.parallel_arity if parallel else self.ctx.serial_arity
-        if kind.q8_maps:  # each 8-bit slot is two loop nests with a gather-heavy codec: compile time
+        if kind.q8_maps:  # each 8-bit slot is two loop nests with a gather-heavy codec (Q8_MAX_ARITY)
             arity = min(arity, Q8_MAX_ARITY)
         return GraphKey(kind, arity, parallel)
 
