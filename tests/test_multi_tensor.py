@@ -27,7 +27,7 @@ import portopt
 from portopt.algorithms import get_spec
 from portopt.backends import compiled as compiled_module
 from portopt.backends.compiled import CompiledStep, compile_unavailable_reason
-from portopt.backends.compiled_graphs import compilations
+from portopt.backends.compiled_graphs import Q8_VARIABLE, compilations
 from portopt.backends.reference import build_reference_step
 from portopt.lowering.backend import ParamState
 from portopt.optim import optimizer as optimizer_module
@@ -102,7 +102,7 @@ def _q8_pair(shapes: list[tuple[int, ...]]) -> tuple[list[torch.nn.Parameter], l
 
 
 def test_8bit_states_in_the_compiled_pass_agree_with_the_generic_8bit_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(compiled_module.ARITY_VARIABLE, "2,2")  # an 8-bit graph compiles slowly: few slots
+    monkeypatch.setenv(Q8_VARIABLE, "1")  # the in-pass 8-bit step is opt-in (compiled_graphs.Q8_VARIABLE)
     # 4096 elements: whole blocks only (an empty last row); 4097: a last block of one element;
     # 5000 and 5600: ordinary tails; 10: under the 8-bit threshold, stays float32.
     shapes: list[tuple[int, ...]] = [(5000,), (5600,), (4096,), (4097,), (10,)]
