@@ -1,35 +1,39 @@
 """The compiled backend: each spec's generated kernel, compiled by torch.compile/Inductor.
 
 :mod:`portopt.lowering.codegen` writes one straight-line torch function per spec; this
-backend hands it to ``torch.compile`` (Inductor: C++/OpenMP on the CPU, Triton on CUDA
-and XPU), so a step is one pass over each tensor: every element of ``p``, ``g`` and the
-states is read once and written once, with step-only scalars computed on the host in
-float64 and passed in one small tensor (changing ``lr``, the betas or ``t`` never
-recompiles). A spec with per-tensor reductions of element-wise values (LAMB's norms)
-needs them before the parameter is written, so its kernel makes two passes: one reads
-``p, g, m, v`` and reduces (``‖p‖``, ``‖u‖``), the other recomputes ``u`` from the same
-inputs and writes ``p, m, v`` (44 instead of 28 bytes per fp32 element; the fewest two
-passes can move is 40, by storing ``m, v`` in the first, which would then need ``u``
-rebuilt from rounded states). Inductor is told to recompute, not store, such values
-(:func:`_inductor_options`): storing ``u`` costs a tensor-sized temporary, freshly
-page-faulted every step (measured 46 ms against 35 ms for LAMB on 20M fp32 elements on
-one core).
+backend applies it to several parameters at once ("slots") and hands that to ``torch.compile``
+(Inductor: C++/OpenMP on the CPU, Triton on CUDA and XPU, where the slots' kernels become one
+launch), so a step is a few calls per group, each one pass over its tensors: every element of
+``p``, ``g`` and the states is read once and written once, with step-only scalars computed on
+the host in float64 and passed in one small tensor, one row per slot (changing ``lr``, the
+betas or ``t`` never recompiles). :mod:`portopt.backends.compiled_graphs` builds the graphs
+(one per slot kind: device, dtypes, storage of each state, rank; small tensors on serial
+graphs of :data:`SERIAL_ARITY` slots, large ones on parallel graphs of :data:`PARALLEL_ARITY`);
+every dimension is dynamic, so one graph serves every mix of sizes. Graphs are compiled once
+per process per (spec, kind) (:func:`compiled_graph`) and shared by every step function of an
+equal spec; Inductor's FX-graph cache (``TORCHINDUCTOR_CACHE_DIR``) keeps the compiled code
+between processes.
 
-Shapes: tensors go in flattened to 1-D (a spec with row/column-factored states keeps a
-``(rows, cols)`` or ``(batch, rows, cols)`` view) with their sizes marked dynamic, so one
-compiled graph serves every tensor size. A graph is compiled per *signature* (device,
-dtypes of ``p``, ``g`` and each state, rank) the first time the step meets it, on small
-scratch tensors before any parameter is touched, then checked on scratch tensors of
-another size against the uncompiled function. Inductor's FX-graph cache (under
-``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_$USER``) keeps the compiled
-code, so a second process pays tracing and loading, not the C++/Triton compile; within a
-process, a graph is compiled once per (spec, signature) and shared by every step function of
-an equal spec (:func:`compiled_graph`).
+Per-step host work does not grow with the work done per tensor: the first step over a list of
+parameters checks everything and builds a plan (:mod:`portopt.backends.compiled_plan`: slot
+kinds, the graphs' argument lists, the step counters as one tensor); later steps confirm the
+inputs are the planned ones (identities, and dtype/shape/strides through dynamo's C++ tensor
+guards: :mod:`portopt.lowering.input_snapshot`) and run the calls.
 
-Per call, the compiled graph is invoked directly with its arguments (sizes and tensors,
-in the order dynamo recorded) instead of through dynamo's guard check: the step has
-already checked what the guards would (device, dtype, rank, contiguity, size >= 2), and
-this cuts the per-tensor overhead from about 40 us to about 10 us on a small CPU.
+A spec with per-tensor reductions of element-wise values (LAMB's norms) needs them before the
+parameter is written, so its kernel makes two passes: one reads ``p, g, m, v`` and reduces
+(``‖p‖``, ``‖u‖``), the other recomputes ``u`` from the same inputs and writes ``p, m, v`` (44
+instead of 28 bytes per fp32 element; the fewest two passes can move is 40, by storing ``m, v``
+in the first, which would then need ``u`` rebuilt from rounded states). Inductor is told to
+recompute, not store, such values (:func:`inductor_options`): storing ``u`` costs a tensor-sized
+temporary, freshly page-faulted every step.
+
+Precision policies (:func:`build_policy_step`): bf16 states are loaded and stored in the same
+pass; with ``PORTOPT_COMPILE_Q8=1`` 8-bit block-wise states are decoded, updated and encoded in
+the pass too (:mod:`portopt.precision.q8_kernel`, bit for bit the codes of
+:mod:`portopt.precision.quantize`); by default, and for a spec with element reductions or
+factored states, 8-bit states are stepped by the generic backend's executor (measured faster
+today: :data:`~portopt.backends.compiled_graphs.Q8_VARIABLE`).
 
 ``backend="auto"`` chooses this backend for a spec no torch fused kernel computes, on a
 param group of at least :func:`auto_min_numel` elements on one device (compiling must pay
@@ -40,15 +44,15 @@ that one op uses twice (it inlines ``x`` into ``x + x`` twice, so ``x + x`` nest
 a 2 KB spec, took 200 s). A spec whose kernel has more than :data:`MAX_KERNEL_NODES`
 computed nodes, or would unfold to more than :data:`MAX_INLINED` (see
 :func:`~portopt.lowering.codegen.kernel_size`), is not served (``unsupported_reason``):
-``"auto"`` takes the generic backend, and naming ``"compiled"`` raises with the reason. The
-library's largest spec has 34 nodes and unfolds to 54.
+``"auto"`` takes the generic backend, and naming ``"compiled"`` raises with the reason.
 
 A spec that reads the tensor's shape or dtype (``numel``, ``finfo``, a state layout chosen per rank:
-Adafactor, CAME) is not served yet (``unsupported_reason``): ``"auto"`` takes the generic backend.
+Adafactor, CAME), or a node kind the generated kernel does not know (a declared input: SophiaG), is
+not served yet (``unsupported_reason``): ``"auto"`` takes the generic backend.
 
-Tensors the compiled graph does not take (fewer than 2 elements, non-contiguous, a
-factored dimension of 1, a device without a compiler) run the same generated function
-uncompiled: same arithmetic, same rounding, more memory traffic.
+Tensors no graph takes (non-contiguous, sizes a graph was not found right for, a device
+without a compiler) are stepped by the generic backend's executor: same arithmetic, same
+rounding, more memory traffic.
 
 All or nothing: every check, state initialisation, host scalar and compilation happens
 before the first write; only an unexpected failure inside a compiled kernel (out of
@@ -60,29 +64,27 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from portopt.backends.torch_generic import TorchStep, build_graph_step
-from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction, with_inputs
-from portopt.lowering.checks import check_step_inputs
-from portopt.lowering.codegen import (
-    KernelFunction,
-    KernelPlan,
-    host_scalar_values,
-    kernel_size,
-    opmath_dtype,
-    plan_kernel,
-    scalar_tensor,
-)
+from portopt.backends.compiled_graphs import ChunkGraph, GraphKey
+from portopt.backends.compiled_plan import GroupPlan, PlanContext
+from portopt.backends.torch_generic import TorchStep, build_graph_step, compute_dtype
+from portopt.backends.torch_policy import PolicyStep
+from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, StepFunction, with_inputs
+from portopt.lowering.checks import check_hyperparameter_values, check_step_inputs
+from portopt.lowering.codegen import KernelPlan, kernel_size, plan_kernel
 from portopt.lowering.registry import register_backend
+from portopt.lowering.torch_ops import TORCH_RULES
+from portopt.precision.policy import PrecisionPolicy
 from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
-from portopt.spec.symbols import Layout
+from portopt.spec.expr import walk
+from portopt.spec.ops import OP_INFO, Family, Op
 
 COMPILED_DEVICE_TYPES = ("cpu", "cuda", "xpu")
 DISABLE_VARIABLE = "PORTOPT_NO_COMPILE"
@@ -93,15 +95,6 @@ MAX_KERNEL_NODES = 512
 """Most computed nodes in a kernel this backend compiles (module doc: size)."""
 MAX_INLINED = 2048
 """Most nodes a kernel may unfold to when every value is inlined into each of its uses."""
-# Scratch shapes for compiling a graph, then for checking it. Sizes are >= 2 (0 and 1
-# specialise) and distinct per axis (a recorded size maps to one axis); the compile shapes
-# are large because Inductor decides from the traced size whether a loop is worth
-# parallelising (a graph traced at 37 elements runs single-threaded at any size).
-_SCRATCH_SHAPES: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    1: (((1 << 20) + 7,), (101,)),
-    2: ((1031, 1033), (7, 11)),
-    3: ((3, 257, 263), (4, 7, 6)),
-}
 
 
 @functools.cache
@@ -161,245 +154,264 @@ def _unavailable_reason() -> str | None:
     return None if any(r is None for r in reasons) else reasons[0]
 
 
-@dataclass(frozen=True)
-class _Signature:
-    """What a compiled graph is specialised on: device, dtypes (p, g, states), rank."""
+SERIAL_ARITY = 16
+"""Slots per call of a graph for small tensors (its loops run on one thread)."""
+PARALLEL_ARITY = 4
+"""Slots per call of a graph for large tensors (each loop split over the threads)."""
+PARALLEL_MIN_NUMEL = 1 << 16
+"""Tensors of at least this many elements go to the parallel graphs. Below it, splitting a loop
+over the threads costs more (a fork and a barrier per tensor, far more when the cores are shared)
+than it saves (a 64K-element fp32 AdamW tensor moves 1.8 MB)."""
+ARITY_VARIABLE = "PORTOPT_COMPILE_ARITY"
+"""``"serial,parallel"`` slots per call (default ``16,4``): fewer compile faster, more call less often."""
+MAX_PLANS = 8
+"""Plans (parameter lists) a step function keeps: several param groups may share one step function."""
+KNOWN_LEAVES = frozenset({Op.CONST, Op.HYPER, Op.STEP, Op.PARAM, Op.GRAD, Op.STATE})
+"""The leaf kinds the generated kernel knows how to read."""
+KNOWN_FAMILIES = frozenset(
+    {Family.ELEMENTWISE, Family.COMPARE, Family.LOGICAL, Family.SELECT, Family.REDUCE, Family.AXIS_REDUCE}
+)
+"""The op families the generated kernel lowers (each op through its rule in ``TORCH_RULES``)."""
 
-    device: torch.device
-    dtypes: tuple[torch.dtype, ...]
-    rank: int
 
-
-class CompiledGraph:
-    """One compiled kernel of a plan for one signature, called without dynamo's guards."""
-
-    def __init__(self, plan: KernelPlan, sig: _Signature) -> None:
-        self.plan = plan
-        self.signature = sig
-        self.graphs_compiled = 0
-        self._fast: Callable[..., Any] | None = None
-        self._layout: tuple[tuple[int, int], ...] = ()
-        captured: list[tuple[list[Any], Callable[..., Any]]] = []
-
-        def capture(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-            with torch._inductor.config.patch(_inductor_options(plan)):
-                compiled: Callable[..., Any] = torch._inductor.compile(gm, example_inputs)
-            captured.append((list(example_inputs), compiled))
-            self.graphs_compiled += 1
-            return compiled
-
-        self._eager = plan.make_function()
-        self._dynamo = torch.compile(plan.make_function(), backend=capture, fullgraph=True)
-        first, second = _SCRATCH_SHAPES[sig.rank]
-        scratch = self._scratch(first)
-        for t in scratch[:-1]:
-            for d, size in enumerate(t.shape):
-                if size >= 2:
-                    torch._dynamo.mark_dynamic(t, d)
-        with torch.no_grad():
-            self._dynamo(*scratch)
-        if len(captured) == 1:
-            layout = _argument_layout(captured[0][0], scratch)
-            if layout is not None:
-                self._fast, self._layout = captured[0][1], layout
-                if not self._agrees_with_eager(second):
-                    self._fast = None
-
-    @property
-    def direct(self) -> bool:
-        """Whether calls bypass dynamo (the recorded graph was bound and checked)."""
-        return self._fast is not None
-
-    def __call__(self, args: Sequence[Tensor]) -> None:
-        if self._fast is None:
-            self._dynamo(*args)
-            return
-        self._fast(*[args[i] if d < 0 else args[i].shape[d] for i, d in self._layout])
-
-    def _scratch(self, shape: tuple[int, ...], seed: int = 0) -> list[Tensor]:
-        gen = torch.Generator().manual_seed(seed)
-        sig = self.signature
-        shapes = [shape, shape] + [_state_view_shape(self.plan, name, shape) for name in self.plan.state_args]
-        tensors = [
-            torch.rand(s, generator=gen, dtype=torch.float64).add_(0.5).to(device=sig.device, dtype=dt)
-            for s, dt in zip(shapes, sig.dtypes, strict=True)
-        ]
-        values = torch.rand(max(len(self.plan.scalars), 1), generator=gen, dtype=torch.float64).add_(0.5)
-        return [*tensors, values.to(device=sig.device, dtype=opmath_dtype(sig.dtypes[0]))]
-
-    def _agrees_with_eager(self, shape: tuple[int, ...]) -> bool:
-        expected = self._scratch(shape, seed=1)
-        actual = [t.clone() for t in expected]
-        with torch.no_grad():
-            self._eager(*expected)
-            try:
-                self(actual)
-            except Exception:
-                return False
-        return all(
-            torch.allclose(a, e, rtol=1e-4, atol=1e-6, equal_nan=True) for a, e in zip(actual, expected, strict=True)
+def arities() -> tuple[int, int]:
+    """``(serial, parallel)`` slots per call: :data:`SERIAL_ARITY`, :data:`PARALLEL_ARITY`, or
+    ``PORTOPT_COMPILE_ARITY``."""
+    text = os.environ.get(ARITY_VARIABLE, "")
+    if not text:
+        return SERIAL_ARITY, PARALLEL_ARITY
+    parts = text.split(",")
+    try:
+        values = [int(x) for x in parts]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 1 or max(values) > 256:
+        raise ValueError(
+            f"{ARITY_VARIABLE} must be two slot counts 'serial,parallel' between 1 and 256, such as '16,4'; "
+            f"got {text!r}"
         )
+    return values[0], values[1]
 
 
-def _inductor_options(plan: KernelPlan) -> dict[str, Any]:
-    """Inductor settings for ``plan``: with per-tensor reductions, recompute rather than store.
+def inductor_options(plan: KernelPlan, key: GraphKey) -> dict[str, Any]:
+    """Inductor settings for one chunk graph.
 
-    A value both reduced (LAMB's ``‖u‖``) and used after the reduction (``p − lr·r·u``)
-    would otherwise be stored to a temporary the size of the tensor between the reduction
-    pass and the update pass (a write and a read more, and a fresh allocation whose first
-    touch page-faults every step); recomputing it from ``p, g, m, v`` in the update pass
-    costs arithmetic only.
+    * no size assertions and no bounds checks on table lookups: the caller checks what they
+      would (module doc), and an 8-bit code or a float's top 16 bits cannot leave their tables;
+    * one thread for a serial graph (:data:`PARALLEL_MIN_NUMEL`);
+    * with per-tensor reductions, recompute rather than store: a value both reduced (LAMB's
+      ``‖u‖``) and used after the reduction (``p − lr·r·u``) would otherwise be stored to a
+      temporary the size of the tensor between the reduction and its use (a write and a read
+      more, and a fresh allocation whose first touch page-faults every step); recomputing it
+      from the inputs costs arithmetic only. Not for 8-bit states: their encoder uses the new
+      value several times, and inlining every use into every other makes Inductor's lowering
+      exponential in the chain (minutes for Adam's two states); Inductor keeps a block's new
+      values in a temporary between its absmax and its codes;
+    * on GPUs, Inductor's combo kernels: the slots' kernels become one launch.
     """
-    if not plan.reductions:
-        return {}
-    wanted = {
-        "realize_reads_threshold": 64,
-        "realize_opcount_threshold": 4096,
-        "realize_cpu_opcount_threshold": 4096,
-        "realize_acc_reads_threshold": 64,
-        "realize_cpu_acc_reads_threshold": 64,
-    }
-    # Settings come and go between torch releases (the CPU ones are newer than torch 2.11's
-    # minimum): patch only those this torch has, since patching an unknown one raises.
-    return {key: value for key, value in wanted.items() if hasattr(torch._inductor.config, key)}
-
-
-def _argument_layout(example_inputs: list[Any], scratch: list[Tensor]) -> tuple[tuple[int, int], ...] | None:
-    """Each graph input as (argument, -1) or (argument, axis) for a size; ``None`` if one is unknown."""
-    layout: list[tuple[int, int]] = []
-    for value in example_inputs:
-        if isinstance(value, torch.SymInt):
-            value = value.node.hint  # the size this graph was traced at
-        if isinstance(value, Tensor):
-            index = next((i for i, t in enumerate(scratch) if t is value), None)
-            if index is None:
-                return None
-            layout.append((index, -1))
-        elif isinstance(value, int):
-            where = [(i, d) for i, t in enumerate(scratch[:-1]) for d, n in enumerate(t.shape) if n == value]
-            if not where:
-                return None
-            layout.append(where[0])
-        else:
-            return None
-    return tuple(layout)
-
-
-def _state_view_shape(plan: KernelPlan, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    layout = plan.spec.state_decl(name).layout
-    if layout is Layout.TENSOR:
-        return ()
-    if layout is Layout.ROW:
-        return (*shape[:-1], 1)
-    if layout is Layout.COL:
-        return (*shape[:-2], 1, shape[-1])
-    return shape
-
-
-@dataclass
-class _Item:
-    """One parameter's share of a step, prepared before anything is written."""
-
-    param: Tensor
-    grad: Tensor
-    state: ParamState
-    new_state: dict[str, Tensor] | None
-    states: list[Tensor]
-    step: float
-    graph: CompiledGraph | None
-    args: list[Tensor]
+    wanted: dict[str, Any] = {"size_asserts": False, "assert_indirect_indexing": False}
+    if key.kind.device.type == "cpu" and not key.parallel:
+        wanted["cpp.threads"] = 1
+    if key.kind.device.type != "cpu":
+        wanted["combo_kernels"] = True
+    if plan.reductions:
+        wanted.update(
+            {
+                "realize_reads_threshold": 64,
+                "realize_opcount_threshold": 4096,
+                "realize_cpu_opcount_threshold": 4096,
+                "realize_acc_reads_threshold": 64,
+                "realize_cpu_acc_reads_threshold": 64,
+            }
+        )
+    # Settings come and go between torch releases: patch only those this torch has (an unknown one raises).
+    known = torch._inductor.config.get_config_copy()
+    return {k: v for k, v in wanted.items() if k in known}
 
 
 class CompiledStep:
-    """The step function of the compiled backend for one spec."""
+    """The step function of the compiled backend for one spec (and precision policy).
 
-    def __init__(self, spec: Spec) -> None:
+    ``serial_arity`` and ``parallel_arity`` are the slots per call of the graphs for small and
+    large tensors (default :func:`arities`), ``parallel_min_numel`` the size from which a tensor is
+    large. With a ``policy`` (:func:`build_policy_step`), new states are stored as it says (bf16,
+    8-bit block-wise) and the step takes the keywords of a
+    :class:`~portopt.lowering.backend.PolicyStepFunction`.
+    """
+
+    def __init__(
+        self,
+        spec: Spec,
+        policy: PrecisionPolicy | None = None,
+        *,
+        serial_arity: int | None = None,
+        parallel_arity: int | None = None,
+        parallel_min_numel: int = PARALLEL_MIN_NUMEL,
+    ) -> None:
         self.spec = spec
+        self.policy = policy
         self.plan = plan_kernel(spec)
-        self.graphs: dict[_Signature, CompiledGraph] = {}
-        self._eager: KernelFunction = self.plan.make_function()
-        self._initial = TorchStep(spec)  # state creation exactly as the generic backend's
+        defaults = arities()
+        self.graphs: dict[GraphKey, ChunkGraph] = {}
+        self._unusable: set[GraphKey] = set()
+        self._plans: OrderedDict[tuple[object, ...], GroupPlan] = OrderedDict()
         self._warned: set[str] = set()
+        generic = TorchStep(spec) if policy is None else PolicyStep(spec, policy)
+        self.fallback_step = generic
+        """The generic backend's executor: state creation, and the parameters no graph takes."""
+        self._context = PlanContext(
+            kernel=self.plan,
+            graph=self._graph,
+            initial_state=self._initial_state,
+            fallback=self._fallback,
+            compute_dtype=self._compute_dtype,
+            serial_arity=serial_arity or defaults[0],
+            parallel_arity=parallel_arity or defaults[1],
+            parallel_min_numel=parallel_min_numel,
+        )
+
+    @property
+    def graphs_compiled(self) -> int:
+        """How many times Inductor compiled a graph for this step function (a recompile would add one)."""
+        return sum(g.graphs_compiled for g in self.graphs.values())
 
     def __call__(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        *,
+        param_dtypes: Sequence[torch.dtype] | None = None,
+        indices: Sequence[int] | None = None,
     ) -> None:
-        check_step_inputs(self.spec, params, grads, states, hypers)
+        run = self.prepare(params, grads, states, hypers, param_dtypes=param_dtypes, indices=indices)
+        assert run is not None
+        run()
+
+    def prepare(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        *,
+        param_dtypes: Sequence[torch.dtype] | None = None,
+        indices: Sequence[int] | None = None,
+        only_if_planned: bool = False,
+    ) -> Callable[[], None] | None:
+        """Check the inputs and choose (or build, compiling what it needs) the plan; nothing is written
+        but the step counters' move into one tensor (values unchanged). Returns the step itself, or,
+        with ``only_if_planned``, ``None`` when the inputs are not those of a plan already built."""
+        if not params:
+            check_step_inputs(self.spec, params, grads, states, hypers, allow_quantized=self.policy is not None)
+            return _nothing
         hypers = with_inputs(self.spec, hypers)
-        with torch.no_grad():
-            items = [self._prepare(p, g, s, hypers) for p, g, s in zip(params, grads, states, strict=True)]
-            scalars: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}
-            host: dict[float, list[float]] = {}
-            for item in items:
-                key = (item.step, item.param.device, opmath_dtype(item.param.dtype))
-                if key not in scalars:
-                    if item.step not in host:
-                        host[item.step] = host_scalar_values(self.plan, hypers, item.step)
-                    scalars[key] = scalar_tensor(host[item.step], key[2], key[1])
-                item.args.append(scalars[key])
-            # Everything is checked, initialised and compiled: from here on, write.
-            for item in items:
-                if item.graph is not None:
-                    item.graph(item.args)
-                else:
-                    self._eager(item.param, item.grad, *item.states, item.args[-1])
-            for item in items:
-                if item.new_state is not None:
-                    item.state.update(item.new_state)
-            torch._foreach_add_([item.state["step"] for item in items], 1.0)
-
-    def _prepare(self, param: Tensor, grad: Tensor, state: ParamState, hypers: Hypers) -> _Item:
-        p, g = param.detach(), grad.detach()
-        new_state = None if state else self._initial.initial_state(p, g, hypers)
-        current = new_state if new_state is not None else state
-        tensors = [current[n] for n in self.spec.state_names]
-        graph, args = self._graph_for(p, g, tensors)
-        return _Item(p, g, state, new_state, tensors, float(current["step"]) + 1.0, graph, args)
-
-    def _graph_for(self, p: Tensor, g: Tensor, states: list[Tensor]) -> tuple[CompiledGraph | None, list[Tensor]]:
-        """The compiled graph for these tensors and its arguments (canonical views), or none."""
-        tensors = [p, g, *states]
-        if p.numel() < 2 or not all(t.is_contiguous() for t in tensors):
-            return None, []
-        if self.plan.factored:
-            if p.dim() < 2 or min(p.shape[-2:]) < 2:
-                return None, []
-            rank = 2 if p.dim() == 2 else 3
-            lead = (-1,) if rank == 3 else ()
-            views = [t.view(*lead, *t.shape[-2:]) if t.dim() else t for t in tensors]
-            if rank == 3 and views[0].shape[0] < 2:
-                return None, []
+        key = (len(params), id(params[0]), id(states[0]))
+        plan = self._plans.get(key)
+        if plan is not None and plan.matches(params, grads, states):
+            check_hyperparameter_values(self.spec, hypers)
+            self._plans.move_to_end(key)
+        elif only_if_planned:
+            return None
         else:
-            rank = 1
-            views = [t.view(-1) if t.dim() else t for t in tensors]
-        reason = compile_unavailable_reason(p.device.type)
+            check_step_inputs(self.spec, params, grads, states, hypers, allow_quantized=self.policy is not None)
+            for what, values in (("param_dtypes", param_dtypes), ("indices", indices)):
+                if values is not None and len(values) != len(params):
+                    raise ValueError(f"{self.spec.name}: got {len(values)} {what} for {len(params)} parameters")
+            dtypes = list(param_dtypes) if param_dtypes is not None else [p.dtype for p in params]
+            numbers = list(indices) if indices is not None else list(range(len(params)))
+            with torch.no_grad():
+                plan = GroupPlan(self._context, self.spec.state_names, params, grads, states, hypers, dtypes, numbers)
+            self._plans[key] = plan
+            while len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
+        return functools.partial(_run_plan, plan, list(grads), hypers)
+
+    # what a plan asks for -----------------------------------------------------------------
+    def _graph(self, key: GraphKey) -> ChunkGraph | None:
+        """The usable graph for ``key``, compiled on first request; ``None`` if none can be."""
+        graph = self.graphs.get(key)
+        if graph is not None:
+            return graph
+        if key in self._unusable:
+            return None
+        reason = compile_unavailable_reason(key.kind.device.type)
         if reason is not None:
             if reason not in self._warned:
                 self._warned.add(reason)
-                warnings.warn(f"portopt compiled backend: {reason}; running uncompiled", stacklevel=4)
-            return None, []
-        sig = _Signature(p.device, tuple(t.dtype for t in tensors), rank)
-        graph = self.graphs.get(sig)
-        if graph is None:
-            graph = self.graphs[sig] = compiled_graph(self.spec, sig)
-        return graph, views
+                warnings.warn(f"portopt compiled backend: {reason}; running uncompiled", stacklevel=5)
+            self._unusable.add(key)
+            return None
+        built = compiled_graph(self.spec, key)
+        if built is None:
+            self._unusable.add(key)
+            return None
+        self.graphs[key] = built
+        return built
+
+    def _initial_state(self, param: Tensor, grad: Tensor, hypers: Hypers, dtype: torch.dtype) -> dict[str, Any]:
+        generic = self.fallback_step
+        if isinstance(generic, PolicyStep):
+            return generic.initial_state(param, grad, hypers, dtype)
+        return generic.initial_state(param, grad, hypers)
+
+    def _fallback(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[ParamState],
+        hypers: Hypers,
+        dtypes: list[torch.dtype],
+        indices: list[int],
+    ) -> None:
+        generic = self.fallback_step
+        if isinstance(generic, PolicyStep):
+            generic.apply(params, grads, states, hypers, param_dtypes=dtypes, indices=indices)
+        else:
+            generic.apply(params, grads, states, hypers)
+
+    def _compute_dtype(self, dtypes: Sequence[torch.dtype]) -> torch.dtype:
+        """The generic backend's compute dtype for these tensors (and the policy's, for its parameter)."""
+        wanted = list(dtypes)
+        if self.policy is not None:
+            wanted.append(self.policy.compute_dtype_for(dtypes[0]))
+        return compute_dtype(wanted)
 
 
 @functools.lru_cache(maxsize=256)
-def compiled_graph(spec: Spec, sig: _Signature) -> CompiledGraph:
-    """The compiled graph of ``spec`` for ``sig``, once per process: optimizers (and conformance
-    runs) with equal specs share it instead of tracing and compiling it again."""
-    return CompiledGraph(plan_kernel(spec), sig)
+def compiled_graph(spec: Spec, key: GraphKey) -> ChunkGraph | None:
+    """The usable compiled chunk graph of ``spec`` for ``key``, once per process (``None`` if it cannot
+    be compiled or disagrees with the uncompiled function): optimizers and conformance runs with equal
+    specs share it instead of tracing and compiling it again."""
+    plan = plan_kernel(spec)
+    graph = ChunkGraph(plan, key, inductor_options(plan, key))
+    return graph if graph.usable else None
+
+
+def _nothing() -> None:
+    """The step of an empty parameter list."""
+
+
+def _run_plan(plan: GroupPlan, grads: list[Tensor], hypers: Hypers) -> None:
+    with torch.no_grad():
+        plan.run(grads, hypers)
 
 
 def unsupported_reason(spec: Spec) -> str | None:
-    """``None`` if this backend compiles ``spec``'s kernel, else why not (too large, or it reads the tensor's
-    shape: module doc)."""
+    """``None`` if this backend compiles ``spec``'s kernel, else why not: it reads the tensor's shape, a
+    node kind the generated kernel does not know (:data:`KNOWN_LEAVES`, :data:`KNOWN_FAMILIES`), or too
+    large (module doc)."""
     if spec.shape_dependent or any(spec.kind(n) is Kind.SHAPE for n in spec.node_kinds):
         return (
             f"{spec.name}: it reads the tensor's shape or dtype (numel, ndim, size, finfo or a layout chosen per "
             "rank), which the compiled kernel does not take yet; use backend='torch'"
         )
+    for node in walk(list(spec.roots)):
+        op = node.op
+        known = op in KNOWN_LEAVES or (OP_INFO[op].family in KNOWN_FAMILIES and op in TORCH_RULES)
+        if not known:
+            return f"{spec.name}: the compiled backend has no lowering for node kind {op.value!r}; use backend='torch'"
     lines, inlined = kernel_size(spec)
     if lines > MAX_KERNEL_NODES:
         return (
@@ -425,12 +437,27 @@ def build_compiled_step(spec: Spec) -> StepFunction:
     return CompiledStep(spec)
 
 
+def build_policy_step(spec: Spec, policy: PrecisionPolicy) -> PolicyStepFunction:
+    """The compiled step of ``spec`` storing states as ``policy`` says (bf16, 8-bit block-wise), with
+    each state decoded, updated and encoded in the kernel's one pass.
+
+    A policy that rounds bf16 stores stochastically runs on the generic backend's executor (its
+    noise is keyed per tensor and step on the host)."""
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(reason)
+    if policy.stochastic_rounding:
+        return PolicyStep(spec, policy)
+    return CompiledStep(spec, policy)
+
+
 COMPILED = register_backend(
     Backend(
         name="compiled",
         summary="the spec's generated kernel compiled by torch.compile (Inductor: C++ on CPU, Triton on GPU)",
         device_types=COMPILED_DEVICE_TYPES,
         build=build_compiled_step,
+        build_with_policy=build_policy_step,
         unavailable_reason=_unavailable_reason,
         priority=20,
         min_auto_numel=auto_min_numel,

@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import itertools
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -61,10 +62,12 @@ from torch import Tensor
 
 from portopt.backends.torch_generic import TorchStep, build_graph_step
 from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
-from portopt.lowering.checks import check_step_inputs
+from portopt.lowering.checks import check_hyperparameter_values, check_step_inputs
 from portopt.lowering.equivalence import Binding, find_binding, sample_hyperparameters
+from portopt.lowering.input_snapshot import InputSnapshot
 from portopt.lowering.interpreter import Bindings, evaluate_step
 from portopt.lowering.registry import register_backend
+from portopt.lowering.step_counters import StepCounters
 from portopt.lowering.torch_ops import TORCH_RULES
 from portopt.spec.definition import Spec
 from portopt.spec.expr import Expr, G, P, T, eq, hyper, maximum, sqrt, state, where
@@ -76,7 +79,9 @@ FUSED_DEVICE_TYPES = ("cpu", "cuda")
 NEUTRAL = {"weight_decay": 0.0, "dampening": 0.0, "lr_decay": 0.0}
 """Kernel hyperparameters a user's spec may lack, held at the value that removes them."""
 
-Launch = Callable[[list[Tensor], list[Tensor], list[list[Tensor]], float, Mapping[str, float]], None]
+Launch = Callable[..., None]
+"""``launch(params, grads, states, t, hypers, steps=None)``: one kernel call over lists of tensors at step
+``t``; ``steps`` are the (already incremented) per-parameter step counters, where the kernel reads them."""
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +175,9 @@ def fused_adagrad_spec(*, maximize: bool) -> Spec:
 # Calling the kernels.
 
 
-def _steps(t: float, params: list[Tensor]) -> list[Tensor]:
+def _steps(t: float, params: list[Tensor], steps: list[Tensor] | None = None) -> list[Tensor]:
+    if steps is not None:
+        return steps
     counter = torch.tensor(t, dtype=torch.float32, device=params[0].device)
     return [counter] * len(params)
 
@@ -179,7 +186,12 @@ def _adam_launch(decoupled: bool, amsgrad: bool, maximize: bool) -> Launch:
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
 
     def launch(
-        params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], t: float, h: Mapping[str, float]
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[list[Tensor]],
+        t: float,
+        h: Mapping[str, float],
+        steps: list[Tensor] | None = None,
     ) -> None:
         kernel(
             params,
@@ -187,7 +199,7 @@ def _adam_launch(decoupled: bool, amsgrad: bool, maximize: bool) -> Launch:
             states[0],
             states[1],
             states[2] if amsgrad else [],
-            _steps(t, params),
+            _steps(t, params, steps),
             lr=h["lr"],
             beta1=h["beta1"],
             beta2=h["beta2"],
@@ -202,7 +214,12 @@ def _adam_launch(decoupled: bool, amsgrad: bool, maximize: bool) -> Launch:
 
 def _sgd_launch(momentum: bool, nesterov: bool, maximize: bool) -> Launch:
     def launch(
-        params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], t: float, h: Mapping[str, float]
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[list[Tensor]],
+        t: float,
+        h: Mapping[str, float],
+        steps: list[Tensor] | None = None,
     ) -> None:
         torch._fused_sgd_(
             params,
@@ -222,13 +239,18 @@ def _sgd_launch(momentum: bool, nesterov: bool, maximize: bool) -> Launch:
 
 def _adagrad_launch(maximize: bool) -> Launch:
     def launch(
-        params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], t: float, h: Mapping[str, float]
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[list[Tensor]],
+        t: float,
+        h: Mapping[str, float],
+        steps: list[Tensor] | None = None,
     ) -> None:
         torch._fused_adagrad_(
             params,
             grads,
             states[0],
-            _steps(t, params),
+            _steps(t, params, steps),
             lr=h["lr"],
             lr_decay=h["lr_decay"],
             weight_decay=h["weight_decay"],
@@ -404,52 +426,72 @@ def dtype_reason(kernel: FusedKernel, device_type: str, dtype: torch.dtype) -> s
 
 
 class FusedStep:
-    """Steps ``spec`` with a matched fused kernel; delegates what the kernel cannot take."""
+    """Steps ``spec`` with a matched fused kernel; delegates what the kernel cannot take.
+
+    The work for one list of parameters is planned once (:class:`_FusedPlan`: the kernel's tensor
+    lists per device and dtype, the step counters as one tensor) and reused while the inputs keep
+    their structure (:class:`~portopt.lowering.input_snapshot.InputSnapshot`), so a step costs the
+    kernel calls, one counter increment and a check of the inputs, not a Python loop of checks and
+    list building per parameter.
+    """
 
     def __init__(self, spec: Spec, match: Match) -> None:
         self.spec = spec
         self.match = match
         self._initial = TorchStep(spec)  # state creation exactly as the generic backend's
         self._delegates: dict[tuple[str, str], StepFunction] = {}
+        self._plans: OrderedDict[tuple[object, ...], _FusedPlan] = OrderedDict()
         self.last_delegation: str | None = None
 
     def __call__(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
     ) -> None:
-        check_step_inputs(self.spec, params, grads, states, hypers)
+        run = self.prepare(params, grads, states, hypers)
+        assert run is not None
+        run()
+
+    def prepare(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        *,
+        only_if_planned: bool = False,
+    ) -> Callable[[], None] | None:
+        """Check the inputs and plan the step; nothing is written. Returns the step itself, or, with
+        ``only_if_planned``, ``None`` when the inputs are not those of a plan already built."""
         if not params:
-            return
+            check_step_inputs(self.spec, params, grads, states, hypers)
+            return _nothing
         values = {name: float(hypers[name]) for name in self.spec.hyper_names}
-        reason = self._refusal(params, grads, states, values)
+        kernel_values = self.match.binding.kernel_hypers(values)
+        key = (len(params), id(params[0]), id(states[0]))
+        plan = self._plans.get(key)
+        if plan is not None and plan.snapshot.matches(params, grads, states):
+            check_hyperparameter_values(self.spec, hypers)
+            reason = self.match.kernel.refuses(kernel_values)
+        elif only_if_planned:
+            return None
+        else:
+            check_step_inputs(self.spec, params, grads, states, hypers)
+            reason = self._refusal(params, grads, states, values)
+            plan = None
+            if reason is None:
+                with torch.no_grad():
+                    plan = _FusedPlan(self, params, grads, states, hypers)
+                self._plans[key] = plan
+                while len(self._plans) > _MAX_PLANS:
+                    self._plans.popitem(last=False)
         self.last_delegation = reason
-        if reason is not None:
-            self._delegate(params)(params, grads, states, hypers)
-            return
-        kernel, binding = self.match.kernel, self.match.binding
-        kernel_values = binding.kernel_hypers(values)
-        with torch.no_grad():
-            new_states = [
-                None if s else self._initial.initial_state(p, g, hypers)
-                for p, g, s in zip(params, grads, states, strict=True)
-            ]
-            buckets: dict[tuple[torch.device, torch.dtype, float], list[int]] = {}
-            for i, (param, param_state) in enumerate(zip(params, states, strict=True)):
-                current = new_states[i] or param_state
-                buckets.setdefault((param.device, param.dtype, float(current["step"]) + 1.0), []).append(i)
-            # Everything is checked and created: from here on, write.
-            for (_, _, t), members in buckets.items():
-                per_param = [new_states[i] or states[i] for i in members]
-                kernel.launch(
-                    [params[i].detach() for i in members],
-                    [grads[i].detach() for i in members],
-                    [[s[user] for s in per_param] for _, user in binding.states],
-                    t,
-                    kernel_values,
-                )
-            for param_state, new in zip(states, new_states, strict=True):
-                if new is not None:
-                    param_state.update(new)
-            torch._foreach_add_([s["step"] for s in states], 1.0)
+        if reason is not None or plan is None:
+            delegate = self._delegate(params)
+            ready = getattr(delegate, "prepare", None)
+            if ready is not None:
+                run: Callable[[], None] | None = ready(params, grads, states, hypers, only_if_planned=only_if_planned)
+                return run
+            return functools.partial(delegate, params, grads, states, hypers)
+        return functools.partial(plan.run, list(grads), kernel_values)
 
     def _refusal(
         self,
@@ -486,6 +528,90 @@ class FusedStep:
         if step is None:
             step = self._delegates[(device_type, below.name)] = below.build(self.spec)
         return step
+
+
+def _nothing() -> None:
+    """The step of an empty parameter list."""
+
+
+_MAX_PLANS = 8
+"""Plans (parameter lists) a step function keeps: several param groups may share one step function."""
+
+
+class _FusedPlan:
+    """One list of parameters, planned for the fused kernel (see :class:`FusedStep`)."""
+
+    def __init__(
+        self,
+        owner: FusedStep,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+    ) -> None:
+        self.kernel = owner.match.kernel
+        names = [user for _, user in owner.match.binding.states]
+        self.fresh: list[tuple[ParamState, dict[str, Tensor]]] = []
+        current: list[ParamState] = []
+        for p, g, holder in zip(params, grads, states, strict=True):
+            if holder:
+                current.append(holder)
+            else:
+                new = owner._initial.initial_state(p, g, hypers)
+                self.fresh.append((holder, new))
+                current.append(new)
+        self.counters = StepCounters(current) if StepCounters.can_adopt(current) else None
+        if self.counters is not None:
+            self.counters.adopt(current)
+        self.steps = [s["step"] for s in current]
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        self.params = list(params)
+        self.buckets = [
+            (members, [params[i] for i in members], [[current[i][n] for i in members] for n in names])
+            for members in groups.values()
+        ]
+        self.snapshot = InputSnapshot(owner.spec.state_names, params, grads, current, holders=states)
+
+    def run(self, grads: list[Tensor], kernel_values: Mapping[str, float]) -> None:
+        """Increment the counters, then one kernel call per device, dtype (and step count, where the
+        kernel takes one for all its tensors)."""
+        with torch.no_grad():
+            if self.counters is not None:
+                self.counters.increment()
+                counts = self.counters.values()
+            else:
+                torch._foreach_add_(self.steps, 1.0)
+                counts = [float(s) for s in self.steps]
+            for members, params, states in self.buckets:
+                mine = [counts[i] for i in members]
+                by_t: dict[float, list[int]] = {}
+                for k, t in enumerate(mine):
+                    by_t.setdefault(t, []).append(k)
+                if len(by_t) == 1:
+                    self.kernel.launch(
+                        params,
+                        [grads[i] for i in members],
+                        states,
+                        mine[0],
+                        kernel_values,
+                        steps=[self.steps[i] for i in members],
+                    )
+                    continue
+                for t, ks in by_t.items():
+                    self.kernel.launch(
+                        [params[k] for k in ks],
+                        [grads[members[k]] for k in ks],
+                        [[column[k] for k in ks] for column in states],
+                        t,
+                        kernel_values,
+                        steps=[self.steps[members[k]] for k in ks],
+                    )
+            torch._C._increment_version(self.params)  # what autograd checks before reusing a saved tensor
+            for holder, new in self.fresh:
+                holder.update(new)
+            self.fresh = []
 
 
 def build_fused_step(spec: Spec) -> StepFunction:

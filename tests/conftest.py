@@ -8,8 +8,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The compiled backend's multi-tensor graphs step 16 (small tensors) or 4 (large) parameters per call by
+# default; compile time grows with that count, so the suite compiles graphs of 4 and 2 slots: the same
+# code paths (chunks, padding slots, several chunks per group), a fraction of the compile time. The
+# slow tests run the default counts too (tests/test_multi_tensor.py).
+os.environ.setdefault("PORTOPT_COMPILE_ARITY", "4,2")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

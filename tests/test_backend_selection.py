@@ -108,8 +108,10 @@ def test_the_choice_is_per_group_and_reported(monkeypatch: pytest.MonkeyPatch) -
     assert opt.chosen_backends() == [{"cpu": expected_big}, {"cpu": "torch"}]
     assert portopt.AdamW([big, small]).chosen_backends() == [{"cpu": "torch_fused"}]
     assert portopt.AdamW([big], backend="torch").chosen_backends() == [{"cpu": "torch"}]
-    # bf16 states of fp32 params: the fused kernel cannot store them, the generic backend's policy step can.
-    assert portopt.AdamW([big], precision="bf16-states").chosen_backends() == [{"cpu": "torch"}]
+    # bf16 states of fp32 params: the fused kernel cannot store them; the best backend that can, for the
+    # group's size: the compiled kernel for a group that repays compiling, else the generic policy step.
+    assert portopt.AdamW([big], precision="bf16-states").chosen_backends() == [{"cpu": expected_big}]
+    assert portopt.AdamW([small], precision="bf16-states").chosen_backends() == [{"cpu": "torch"}]
     assert portopt.AdamW([big], precision="fp32").chosen_backends() == [{"cpu": "torch_fused"}]
 
 

@@ -219,7 +219,7 @@ def test_no_recompilation_over_100_steps_with_a_schedule(compiled: Callable[[Spe
     assert counters["stats"]["unique_graphs"] == graphs_before
     assert sum(g.graphs_compiled for g in step.graphs.values()) == compiled_before
     assert len(step.graphs) == signatures_before
-    assert all(g.direct for g in step.graphs.values()), "calls should bypass dynamo's guards"
+    assert all(g.usable for g in step.graphs.values()), "calls should bypass dynamo's guards"
 
 
 def test_step_only_scalars_are_hoisted_out_of_the_kernel() -> None:
@@ -354,7 +354,7 @@ def test_factored_states_keep_their_rows_and_columns(compiled: Callable[[Spec], 
         assert _excess(p, q) <= 1
         assert states[i]["row"].shape == (*shapes[i][:-1], 1)
         assert _excess(states[i]["col"], ref_states[i]["col"]) <= 1
-    assert {g.signature.rank for g in step.graphs.values()} == {2, 3}
+    assert {g.key.kind.rank for g in step.graphs.values()} == {2, 3}
 
 
 def test_float64_parameters_compute_in_float64(compiled: Callable[[Spec], CompiledStep]) -> None:

@@ -5,7 +5,7 @@ The function updates one parameter tensor (and its states) in place::
     def kernel_step(param, grad, st0, ..., st<n-1>, s):
         p = opmath(param); g = opmath(grad); st0_old = opmath(st0); ...
         v0 = op_mul(s[0], st0_old) ...    # one line per tensor-level node of the spec
-        st0.copy_(v3); ...; param.copy_(v9)   # every store after every load
+        store(st0, v3); ...; store(param, v9)   # every store after every load
 
 **Data is never code.** A spec may come from another machine (JSON, a golden file), so
 the source holds no text taken from it: no name, title, symbol or label, not even in a
@@ -38,7 +38,10 @@ branches are element-wise arithmetic without side effects, so computing both is 
 
 Precision: every load goes through ``opmath`` (float32 for bf16/fp16 storage, the
 storage dtype for float32/float64), all arithmetic runs in that dtype, and each result
-is rounded once by ``copy_`` into its storage.
+is rounded once by ``store`` into its storage (``dst.copy_(value)`` by default). Both are
+hooks of :meth:`KernelPlan.make_function`: a lowering that keeps a state in another form
+(8-bit block-wise codes, :mod:`portopt.precision.q8_kernel`) passes a ``load`` that decodes
+it and a ``store`` that encodes it, and the generated source stays the same.
 
 The ops are the rules of :data:`portopt.lowering.torch_ops.TORCH_RULES` (the float64
 reference's own definitions), bound in the function's globals as ``op_<name>``; the
@@ -54,6 +57,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,6 +87,11 @@ def opmath(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def copy_store(dst: Tensor, value: Tensor) -> None:
+    """The default store of a kernel: ``value`` copied into ``dst`` (rounded once to its dtype)."""
+    dst.copy_(value)
+
+
 def opmath_dtype(storage: torch.dtype) -> torch.dtype:
     """dtype in which a kernel computes for parameters stored as ``storage``."""
     return storage if storage in (torch.float32, torch.float64) else torch.float32
@@ -109,17 +118,20 @@ class KernelPlan:
     function_name: str
     source: str
 
-    def make_function(self, load: Callable[[Tensor], Tensor] = opmath) -> KernelFunction:
+    def make_function(
+        self, load: Callable[[Any], Tensor] = opmath, store: Callable[[Any, Tensor], object] = copy_store
+    ) -> KernelFunction:
         """A fresh function object with its own code object (dynamo caches per code object).
 
         ``load`` reads each operand into the compute dtype (default :func:`opmath`, which returns a
-        float32/float64 tensor itself; a differentiable step passes one that copies).
+        float32/float64 tensor itself; a differentiable step passes one that copies); ``store(dst,
+        value)`` writes a new value into a state or the parameter (default :func:`copy_store`).
         """
         check_generated_source(self.source)
         filename = f"<portopt-kernel {self.function_name} #{next(_COUNTER)}>"
         # Registered so that tracebacks and dynamo can show the generated lines.
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
-        namespace: dict[str, object] = {"opmath": load, "where": torch.where}
+        namespace: dict[str, object] = {"opmath": load, "store": store, "where": torch.where}
         namespace.update({f"op_{op.value}": rule for op, rule in TORCH_RULES.items()})
         exec(compile(self.source, filename, "exec"), namespace)
         fn = namespace[self.function_name]
@@ -165,11 +177,11 @@ def plan_kernel(spec: Spec) -> KernelPlan:
         return names[root] if root not in host else hoist(root)
 
     stores = [
-        f"    {state_vars[name]}.copy_({value_of(expr)})"
+        f"    store({state_vars[name]}, {value_of(expr)})"
         for name, expr in spec.updates
         if not (expr.op is Op.STATE and expr.value == name)
     ]
-    stores.append(f"    param.copy_({value_of(spec.param_update)})")
+    stores.append(f"    store(param, {value_of(spec.param_update)})")
     function_name = FUNCTION_NAME
     args = ", ".join(["param", "grad", *state_vars.values(), "s"])
     ordered = sorted(scalars, key=scalars.__getitem__)
@@ -217,7 +229,7 @@ def _is_const(node: Expr) -> bool:
 _NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]\d+)?"
 _TOKEN = re.compile(r"\s*(?:(" + _NUMBER + r")|([A-Za-z_][A-Za-z0-9_]*)|(!=|[()\[\],.=:]))")
 _LINE = re.compile(r"(?:def |    )[A-Za-z0-9_ ()\[\],.=:!+\-]*")
-_IDENTIFIER = re.compile(r"(?:param|grad|s|p|g|opmath|where|copy_|v\d+|st\d+(?:_old)?|op_[a-z_]+)")
+_IDENTIFIER = re.compile(r"(?:param|grad|s|p|g|opmath|store|where|v\d+|st\d+(?:_old)?|op_[a-z_]+)")
 
 
 def check_generated_source(source: str) -> None:
@@ -225,7 +237,7 @@ def check_generated_source(source: str) -> None:
 
     Every line is ``def kernel_step(...)`` or an indented assignment or call; every token
     is an identifier of the fixed vocabulary (``param``, ``grad``, ``s``, ``p``, ``g``,
-    ``v<k>``, ``st<i>``, ``st<i>_old``, ``opmath``, ``where``, ``copy_``, ``op_<op>``), a
+    ``v<k>``, ``st<i>``, ``st<i>_old``, ``opmath``, ``store``, ``where``, ``op_<op>``), a
     number, or punctuation. No quote, comment, backslash or non-ASCII character can pass,
     so no text from a spec can reach the compiler.
     """

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from portopt.backends import select_backend
+from portopt.backends import auto_choice
 from portopt.distributed.layout import agreed, carry_layout
 from portopt.lowering.backend import Backend, ParamState, step_counter_dtype
 from portopt.lowering.registry import registered_backends
@@ -114,22 +114,27 @@ def _stores_like_torch(policy: PrecisionPolicy, spec: Spec, dtype: torch.dtype) 
     return stores_like_torch(policy, spec, dtype)
 
 
-def policy_backend(device: torch.device, chosen: Backend, named: bool, policy: PrecisionPolicy) -> Backend:
-    """For ``chosen``, a backend without ``build_with_policy``: the best usable backend that has one
-    (``backend="auto"``), or a ``PolicyError`` naming the backend and the policy (a named backend)."""
+def policy_backend(
+    device: torch.device, chosen: Backend, named: bool, policy: PrecisionPolicy, spec: Spec, numel: int
+) -> Backend:
+    """For ``chosen``, a backend without ``build_with_policy``: the one ``"auto"`` would choose among those
+    that have one, for ``spec`` and a group of ``numel`` elements (the compiled kernel only where the group
+    repays compiling), or a ``PolicyError`` naming the backend and the policy (a named backend)."""
+    if not named:
+        found = auto_choice(device.type, spec, numel, accept=lambda b: b.build_with_policy is not None)
+        if found is not None:
+            return found
     capable = [
         b
         for b in registered_backends().values()
         if b.build_with_policy is not None and device.type in b.device_types and b.unavailable_reason() is None
     ]
-    if named or not capable:
-        others = ", ".join(sorted(b.name for b in capable)) or "none usable here"
-        raise PolicyError(
-            f"backend {chosen.name!r} cannot store states as precision policy {policy.to_text()!r} asks "
-            f"(it keeps them in the parameter's dtype: no bf16 or 8-bit states, no stochastic rounding); "
-            f"backends that can: {others} (or backend='auto')"
-        )
-    return select_backend(device, max(capable, key=lambda b: (b.priority, b.name)).name)
+    others = ", ".join(sorted(b.name for b in capable)) or "none usable here"
+    raise PolicyError(
+        f"backend {chosen.name!r} cannot store states as precision policy {policy.to_text()!r} asks "
+        f"(it keeps them in the parameter's dtype: no bf16 or 8-bit states, no stochastic rounding); "
+        f"backends that can: {others} (or backend='auto')"
+    )
 
 
 @dataclass
@@ -149,6 +154,9 @@ class GroupStep:
     skip_nonfinite: bool
     after: list[Callable[[], None]] = field(default_factory=list)
     """What to do once the group is stepped: write gathered sparse rows back, complex states."""
+    prepared: list[Callable[[], None]] | None = None
+    """The backends' steps, already checked (:mod:`portopt.optim.group_cache`): what runs when the
+    gradients need no unscaling; ``None``: call the step functions."""
 
     def run_plain(self) -> None:
         """The step as torch.optim would take it: parameters and gradients as they are."""

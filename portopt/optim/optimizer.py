@@ -47,6 +47,7 @@ from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.graph_step import GraphStep
 from portopt.optim import amp, complex_params, graph, sparse
 from portopt.optim import state_dict as checkpoint
+from portopt.optim.group_cache import GroupCache, cacheable, versioned
 from portopt.optim.groups import (
     check_group_tuples,
     check_group_values,
@@ -175,6 +176,7 @@ class Optimizer(torch.optim.Optimizer):
         if before_groups is not None:
             before_groups()
         super().__init__(params, defaults)
+        self.state = versioned(self.state)
 
     def _reset_caches(self) -> None:
         self._backends: dict[tuple[Any, ...], Backend] = {}
@@ -184,6 +186,7 @@ class Optimizer(torch.optim.Optimizer):
         self._graph_runs: dict[int, graph.GraphRun] = {}
         self._graph_steps: dict[tuple[Any, ...], GraphStep] = {}
         self._fused_types: list[str] | None = None
+        self._group_caches: dict[int, GroupCache] = {}
 
     def base_spec(self, group: Mapping[str, Any]) -> Spec:
         """The spec of a param group before ``maximize`` (named classes choose it by options)."""
@@ -285,7 +288,10 @@ class Optimizer(torch.optim.Optimizer):
             if self._policies.get(index) is not item.policy:  # first step, or the group's policy changed
                 amp.drop_stale_masters(item.policy, [self.state.get(p) for p in group["params"]], group["params"])
                 self._policies[index] = item.policy
-            if item.policy is amp.DEFAULT and scaling.grad_scale is None:
+            if item.prepared is not None and scaling.grad_scale is None:
+                for run in item.prepared:
+                    run()
+            elif item.policy is amp.DEFAULT and scaling.grad_scale is None:
                 item.run_plain()
             else:
                 amp.run_group(item, scaling)
@@ -322,12 +328,30 @@ class Optimizer(torch.optim.Optimizer):
     def _prepare(
         self, group: Mapping[str, Any], index: int, offset: int, inputs: Mapping[str, Any] | None = None
     ) -> amp.GroupStep:
-        """Check one group and choose its step functions; nothing is written."""
+        """Check one group and choose its step functions; nothing is written. A group whose structure
+        is as at its last step is only confirmed (:mod:`portopt.optim.group_cache`)."""
         spec = self.group_spec(group)
-        hypers: dict[str, Any] = group_hypers(spec, group)
-        hypers.update({k: v for k, v in (inputs or {}).items() if k in spec.input_names})
-        policy = amp.resolve(group.get("precision"))
         mode = self._mode(group)
+        given = {k: v for k, v in (inputs or {}).items() if k in spec.input_names}
+        cache = self._group_caches.pop(index, None)
+        if cache is not None:
+            fast = cache.prepare(self, group, spec, mode, given)
+            if fast is not None:
+                self._group_caches[index] = cache
+                return fast
+        item = self._prepare_fully(group, index, offset, spec, mode, given)
+        # Sharded groups re-derive their local pieces and layouts every step (portopt.distributed).
+        if cacheable(item, mode) and not distributed.is_distributed(group["params"]):
+            self._group_caches[index] = GroupCache(group, item, spec, mode)
+        return item
+
+    def _prepare_fully(
+        self, group: Mapping[str, Any], index: int, offset: int, spec: Spec, mode: Mode, inputs: Mapping[str, Any]
+    ) -> amp.GroupStep:
+        """:meth:`_prepare` walking every parameter: gradients, states, checks, backends."""
+        hypers: dict[str, Any] = group_hypers(spec, group)
+        hypers.update(inputs)
+        policy = amp.resolve(group.get("precision"))
         params: list[Tensor] = []
         grads: list[Tensor] = []
         states: list[ParamState] = []
@@ -469,11 +493,15 @@ class Optimizer(torch.optim.Optimizer):
         backend = self._selected(spec, device, numel, mode, sharded)
         if policy is None or backend.build_with_policy is not None:
             return backend
-        fallback = self._backends.get((device.type, "+policy"))
+        if self._auto_thresholds is None:
+            self._auto_thresholds = backends.auto_thresholds()
+        reached = max((n for n in self._auto_thresholds if n <= numel), default=0)
+        key = (device.type, "+policy", spec, reached)
+        fallback = self._backends.get(key)
         if fallback is None:
             named = self.backend != "auto" or mode is not Mode.DEFAULT
-            fallback = amp.policy_backend(device, backend, named, policy)
-            self._backends[(device.type, "+policy")] = fallback
+            fallback = amp.policy_backend(device, backend, named, policy, spec, reached)
+            self._backends[key] = fallback
         return fallback
 
     def _selected(
@@ -578,6 +606,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.state = versioned(self.state)
         if not hasattr(self, "backend"):
             self.backend = "auto"
         for group in self.param_groups:

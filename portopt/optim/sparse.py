@@ -144,5 +144,8 @@ def _rows(
             param.index_put_(index, rows)
             for name in names:
                 state[name].index_put_(index, gathered[name])
+        for name, value in gathered.items():  # entries the step replaced (a backend's step-counter views)
+            if name not in names and state.get(name) is not value:
+                state[name] = value
 
     return rows, grad.values(), gathered, scatter
