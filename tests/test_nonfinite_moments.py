@@ -28,8 +28,12 @@ def _run(make: type[torch.optim.Optimizer], backend: str) -> tuple[torch.Tensor,
     return param.detach().clone(), optimizer.state[param]["exp_avg"].clone()
 
 
-@pytest.mark.parametrize("make", [portopt.SophiaG, portopt.Lion], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("backend", ["torch", "compiled"])
+@pytest.mark.parametrize(
+    ("make", "backend"),
+    # compiled declines SophiaG (its step input bs): the generic backend is where it runs
+    [(portopt.SophiaG, "torch"), (portopt.Lion, "torch"), (portopt.Lion, "compiled")],
+    ids=["SophiaG-torch", "Lion-torch", "Lion-compiled"],
+)
 def test_a_clipped_update_stays_finite_after_an_infinite_gradient(make: type, backend: str) -> None:
     param, moment = _run(make, backend)
     expected_param, expected_moment = _run(make, "reference")

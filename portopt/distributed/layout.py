@@ -270,6 +270,7 @@ def local_views(
     local_grads: list[Tensor] = []
     local_states: list[ParamState] = []
     created: list[tuple[DTensor, ParamState, ParamState]] = []
+    kept: list[tuple[ParamState, ParamState]] = []
     for param, grad, state in zip(params, grads, states, strict=True):
         if not isinstance(param, DTensor):
             local_params.append(param)
@@ -291,10 +292,18 @@ def local_views(
         local_states.append(local)
         if not state:
             created.append((param, state, local))
+        else:
+            kept.append((state, local))
 
     def keep_created() -> None:
         for param, state, local in created:
             state.update({k: as_distributed(v, param, layouts.get(k, Layout.ELEMENTWISE)) for k, v in local.items()})
+        # A backend may replace a plain entry of the local copy (the step counter by a view of one
+        # tensor holding every counter of its plan): the parameter's own state keeps what it put there.
+        for state, local in kept:
+            for key, value in local.items():
+                if not isinstance(state.get(key), DTensor) and state.get(key) is not value:
+                    state[key] = value
 
     return local_params, local_grads, local_states, keep_created
 
