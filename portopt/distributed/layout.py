@@ -257,6 +257,25 @@ def is_distributed(params: Sequence[Tensor]) -> bool:
     return module is not None and any(isinstance(p, module.DTensor) for p in params)
 
 
+def _keep_entry(param: DTensor, state: ParamState, key: str, value: Any, layout: Layout) -> None:
+    """Store a local state entry a step left in ``state`` (the parameter's own, DTensor states)."""
+    from torch.distributed.tensor import DTensor
+
+    current = state.get(key)
+    if current is value:
+        return
+    if not isinstance(current, DTensor):
+        state[key] = value
+        return
+    target = current.to_local()
+    if isinstance(value, Tensor) and target.data_ptr() == value.data_ptr() and target.shape == value.shape:
+        return  # written in place through the local view
+    if isinstance(value, Tensor) and target.shape == value.shape and target.dtype == value.dtype:
+        target.copy_(value)
+    else:
+        state[key] = as_distributed(value, param, layout)
+
+
 def local_views(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], layouts: Mapping[str, Layout]
 ) -> tuple[list[Tensor], list[Tensor], list[ParamState], Callable[[], None]]:
@@ -270,7 +289,7 @@ def local_views(
     local_grads: list[Tensor] = []
     local_states: list[ParamState] = []
     created: list[tuple[DTensor, ParamState, ParamState]] = []
-    kept: list[tuple[ParamState, ParamState]] = []
+    kept: list[tuple[DTensor, ParamState, ParamState]] = []
     for param, grad, state in zip(params, grads, states, strict=True):
         if not isinstance(param, DTensor):
             local_params.append(param)
@@ -293,17 +312,17 @@ def local_views(
         if not state:
             created.append((param, state, local))
         else:
-            kept.append((state, local))
+            kept.append((param, state, local))
 
     def keep_created() -> None:
         for param, state, local in created:
             state.update({k: as_distributed(v, param, layouts.get(k, Layout.ELEMENTWISE)) for k, v in local.items()})
-        # A backend may replace a plain entry of the local copy (the step counter by a view of one
-        # tensor holding every counter of its plan): the parameter's own state keeps what it put there.
-        for state, local in kept:
+        # A backend may replace an entry of the local copy instead of writing into it (the reference
+        # backend's new tensors; the step counter made a view of one tensor holding every counter of
+        # its plan): the parameter's own state takes what the backend left there.
+        for param, state, local in kept:
             for key, value in local.items():
-                if not isinstance(state.get(key), DTensor) and state.get(key) is not value:
-                    state[key] = value
+                _keep_entry(param, state, key, value, layouts.get(key, Layout.ELEMENTWISE))
 
     return local_params, local_grads, local_states, keep_created
 
