@@ -60,7 +60,9 @@ fi
 # Most important first: a step cut off by its limit leaves the ones before it complete.
 step env 45 env PYTHONPATH="$bench_path" "$py" -m bench.device_env --device "$device" --out "$work/env.json"
 # The quick set on the device: every algorithm x every backend usable there x fp32, bf16, fp16+master.
-step conformance 200 "$py" -m portopt conformance --device "$device" "${quick[@]}" --report-dir "$work/conformance"
+# --time-limit: a run that would overrun stops itself with a partial report (the step's cap is the backstop).
+step conformance 200 "$py" -m portopt conformance --device "$device" "${quick[@]}" --time-limit 180 \
+    --report-dir "$work/conformance"
 # Step time and bandwidth against torch.optim (fused, foreach, for-loop) and third-party packages present.
 step step_time 150 env PYTHONPATH="$bench_path" "$py" -m bench.step_time --device "$device" "${bench[@]}" \
     --no-compile-cache --output "step_time_${device}_check"
@@ -74,7 +76,7 @@ step golden_check 45 "$py" -m portopt conformance check --golden "$work/golden_c
     --backend torch --backend torch_fused --precision fp32 --report-dir "$work/golden"
 # torch.optim itself on the device, in fp32 (the suite's own check: torch's implementations pass it).
 step conformance_torch 60 "$py" -m portopt conformance --device "$device" "${quick[@]}" --impl torch.optim \
-    --impl torch.optim:fused=True --precision fp32 --report-dir "$work/conformance_torch"
+    --impl torch.optim:fused=True --precision fp32 --time-limit 50 --report-dir "$work/conformance_torch"
 
 # What comes back: few files (the device tool returns at most 8).
 cp -f bench/results/step_time_"${device}"_check.{json,md} "$work/" 2>/dev/null
