@@ -5,6 +5,7 @@ Run from the repository root::
     python -m bench.model_steps                                   # every shape set x workload
     python -m bench.model_steps --sets gpt2_small --workloads adamw lion --rounds 21
     python -m bench.model_steps --output model_steps_cpu_rerun    # another results file
+    python -m bench.model_steps --device cuda --sets 20x1M gpt2_small   # on a GPU (bench/device_check.sh)
 
 Each case builds, over one shape set (:mod:`bench.shape_sets`) with shared random gradients,
 portopt's optimizer as a user gets it (``portopt.AdamW(params)``, the backend ``"auto"`` picks,
@@ -46,7 +47,7 @@ from typing import Any
 import torch
 
 import portopt
-from bench import measure, shape_sets
+from bench import device_env, measure, shape_sets
 from bench.step_time import machine
 from portopt.backends.compiled_graphs import compilations
 
@@ -139,7 +140,7 @@ class _Implementation:
     def __init__(self, name: str, kind: str, make: Factory, shapes: list[tuple[int, ...]], grads: list[Any]) -> None:
         gen = torch.Generator().manual_seed(1)
         self.params = [
-            torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02).to(g.dtype))
+            torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02).to(device=g.device, dtype=g.dtype))
             for s, g in zip(shapes, grads, strict=True)
         ]
         for p, g in zip(self.params, grads, strict=True):
@@ -159,11 +160,13 @@ class _Implementation:
         return ", ".join(sorted({b for d in chosen() for b in d.values()})) if chosen else "torch.optim"
 
 
-def bench_case(set_name: str, work: Workload, rounds: int) -> dict[str, Any]:
-    """Every implementation of ``work`` over shape set ``set_name``, interleaved (module docstring)."""
+def bench_case(set_name: str, work: Workload, rounds: int, device: str = "cpu") -> dict[str, Any]:
+    """Every implementation of ``work`` over shape set ``set_name`` on ``device``, interleaved (module
+    docstring; on CUDA each timed step ends with the device's synchronize)."""
     shapes = shape_sets.SHAPE_SETS[set_name]()
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(s, generator=gen).to(work.dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device=device, dtype=work.dtype) for s in shapes]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else None
     specs = [(n, "portopt", f) for n, f in work.portopt] + [(work.baseline[0], "baseline", work.baseline[1])]
     specs += [(n, "torch", f) for n, f in work.others]
     impls = [_Implementation(n, k, f, shapes, grads) for n, k, f in specs]
@@ -175,7 +178,7 @@ def bench_case(set_name: str, work: Workload, rounds: int) -> dict[str, Any]:
         impl.step()
         impl.step()
     compiles_before = _compile_count()
-    times = measure.interleaved([impl.step for impl in impls], rounds)
+    times = measure.interleaved([impl.step for impl in impls], rounds, sync=sync)
     recompiles = _compile_count() - compiles_before
     base = next(i for i, impl in enumerate(impls) if impl.kind == "baseline")
     rows = []
@@ -247,27 +250,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", nargs="+", choices=list(table), default=None)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--output", default="model_steps_cpu", help="file name stem under bench/results/")
+    parser.add_argument(
+        "--output", default=None, help="file name stem under bench/results/ (default model_steps_<device>)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu; cuda on a GPU)")
     args = parser.parse_args(argv)
+    device = str(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine()
+    info = machine() | device_env.describe(device)
     flags = isa()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ISA {flags}")
     cases: list[dict[str, Any]] = []
     result = {
         "benchmark": "model_steps",
         "command": " ".join(["python -m bench.model_steps", *(argv if argv is not None else sys.argv[1:])]),
+        "device": device,
         "machine": info,
         "isa": flags,
         "rounds": args.rounds,
         "cases": cases,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / args.output
+    stem = RESULTS / (args.output or f"model_steps_{torch.device(device).type}")
     for set_name in args.sets or list(shape_sets.SHAPE_SETS):
         for name in args.workloads or list(table):
-            case = bench_case(set_name, table[name], args.rounds)
+            case = bench_case(set_name, table[name], args.rounds, device)
             cases.append(case)
             base = next(r for r in case["rows"] if r["kind"] == "baseline")
             for row in case["rows"]:
