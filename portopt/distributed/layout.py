@@ -282,7 +282,8 @@ def local_views(
     """The local pieces of ``params``, ``grads`` and their states (views: the step writes through them),
     each parameter piece carrying its :class:`ShardLayout`, and a function to run once the step succeeded:
     it stores the states the step created into ``states`` as DTensors (:func:`as_distributed`; ``layouts``
-    says how each named state lies relative to its parameter)."""
+    says how each named state lies relative to its parameter), and the entries it replaced instead of
+    writing into them (:func:`_keep_entry`)."""
     from torch.distributed.tensor import DTensor
 
     local_params: list[Tensor] = []
