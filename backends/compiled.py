@@ -29,11 +29,11 @@ recompute, not store, such values (:func:`inductor_options`): storing ``u`` cost
 temporary, freshly page-faulted every step.
 
 Precision policies (:func:`build_policy_step`): bf16 states are loaded and stored in the same
-pass; with ``PORTOPT_COMPILE_Q8=1`` 8-bit block-wise states are decoded, updated and encoded in
-the pass too (:mod:`portopt.precision.q8_kernel`, bit for bit the codes of
-:mod:`portopt.precision.quantize`); by default, and for a spec with element reductions or
-factored states, 8-bit states are stepped by the generic backend's executor (measured faster
-today: :data:`~portopt.backends.compiled_graphs.Q8_VARIABLE`).
+pass, and so are 8-bit block-wise states: decoded, updated and encoded in the pass
+(:mod:`portopt.precision.q8_kernel`, bit for bit the codes of :mod:`portopt.precision.quantize`),
+on block views of each tensor (:mod:`portopt.backends.compiled_graphs`). A spec with element
+reductions or factored states, or ``PORTOPT_COMPILE_Q8=0``, leaves 8-bit states to the generic
+backend's executor (:data:`~portopt.backends.compiled_graphs.Q8_VARIABLE`).
 
 ``backend="auto"`` chooses this backend for a spec no torch fused kernel computes, on a
 param group of at least :func:`auto_min_numel` elements on one device (compiling must pay

@@ -16,15 +16,20 @@ elements inside its own loop nest, and its per-tensor states (NAdam's ``mu_produ
 own 0-d tensors.
 
 **8-bit states** (:mod:`portopt.precision.q8_kernel`): a slot whose states are block-wise
-quantised is stepped on block views: its elements ``[0, B·⌊n/B⌋)`` as ``(⌊n/B⌋, B)`` rows and
-the rest as one ``(1, n mod B)`` row. The generated function runs once on each view, with a
-``load`` that dequantises a state's rows and a ``store`` that quantises them (absmax per row,
-then codes), so the update and the codec are one fused pass; a per-tensor state is read by both
-calls at its old value (the second call gets a copy) and written by the first. The absmax rows
-of the whole blocks are a cached ``(⌊n/B⌋, 1)`` view; the last block's absmax is a ``(1, 1)``
-view (a scratch element when ``B`` divides ``n``, whose tail row is then empty). A spec that
-reduces element values (LAMB) or factors states by rows or columns cannot be split so, and is
-not offered 8-bit slots (:func:`q8_supported`).
+quantised ("blocked") is stepped on *block views* that the caller passes in: its elements
+``[0, B·⌊n/B⌋)`` as ``(⌊n/B⌋, B)`` rows (the head) and the rest as one ``(1, n mod B)`` row (the
+tail), for the parameter, the gradient and every element-wise state, each view a graph input of
+its own. The generated function runs once on the heads and once on the tails, with a ``load``
+that dequantises a state's rows and a ``store`` that quantises them (absmax per row, then
+codes), so the update and the codec are one fused pass. The views being inputs, the graph
+indexes each of them as a plain ``(rows, B)`` array: had it cut the flat tensor itself, every
+element's index would go through an integer division and a modulo (measured: the cut-inside
+version was 55x slower than torch's fused fp32 AdamW, compiled 8-bit Adam's whole cost). A
+per-tensor state is read by both calls at its old value (the second call gets a copy) and
+written by the first. The absmax rows of the whole blocks are a ``(⌊n/B⌋, 1)`` view; the last
+block's absmax is a ``(1, 1)`` view (a scratch element when ``B`` divides ``n``, whose tail row is
+then empty). A spec that reduces element values (LAMB) or factors states by rows or columns
+cannot be split so, and is not offered 8-bit slots (:func:`q8_supported`).
 
 **Calls bypass dynamo.** The graph's inputs (tensors, and the sizes of their dynamic
 dimensions) are recorded when it is traced (:attr:`ChunkGraph.layout`); a caller that has
@@ -77,10 +82,12 @@ class StateForm:
     q8: str | None = None
     block: int = 0
 
-    @property
-    def width(self) -> int:
-        """Tensors this state contributes to a slot: 1, or codes and two absmax views for 8-bit."""
-        return 3 if self.q8 is not None else 1
+    def width(self, blocked: bool) -> int:
+        """Tensors this state contributes to a slot: 1; in a blocked slot (module doc) its head and tail
+        views, and for 8-bit the absmax views of both too; a per-tensor state is always one."""
+        if self.q8 is not None:
+            return 4
+        return 2 if blocked and self.layout is not Layout.TENSOR else 1
 
 
 @dataclass(frozen=True)
@@ -92,12 +99,19 @@ class SlotKind:
     grad_dtype: torch.dtype
     states: tuple[StateForm, ...]
     rank: int
+    """The parameters' rank; 1 for a blocked kind (its tensors are taken flat, as block views)."""
     compute_dtype: torch.dtype
 
     @property
+    def blocked(self) -> bool:
+        """Whether the slots hold 8-bit states and are stepped on block views (module doc)."""
+        return any(f.q8 is not None for f in self.states)
+
+    @property
     def width(self) -> int:
-        """Tensors per slot: parameter, gradient, and each state's."""
-        return 2 + sum(f.width for f in self.states)
+        """Tensors per slot: parameter, gradient (two views each when blocked), and each state's."""
+        views = 2 if self.blocked else 1
+        return 2 * views + sum(f.width(self.blocked) for f in self.states)
 
     @property
     def q8_maps(self) -> tuple[str, ...]:
@@ -120,16 +134,16 @@ class GraphKey:
 
 
 Q8_VARIABLE = "PORTOPT_COMPILE_Q8"
-"""Set to 1 to step 8-bit states inside the compiled pass. Off by default: on this project's CPU machine
-the compiled 8-bit step was measured 25x slower than torch's fused fp32 AdamW on GPT-2 small's shapes
-(bench/results/model_steps_cpu_gpt2_q8.md) and compiles for minutes, slower than the generic backend's
-8-bit step, which then steps those tensors (the compiled backend's fallback)."""
+"""Set to 0 to leave 8-bit states to the generic backend's 8-bit step (the compiled backend's
+fallback) instead of stepping them inside the compiled pass. On by default: in the pass the step
+reads and writes each byte of the 8-bit states once (bench/results/model_steps_cpu_q8_notes.md has
+what it costs on a CPU, where its table lookups are scalar loads)."""
 
 
 def q8_supported(plan: KernelPlan) -> bool:
-    """Whether slots of ``plan``'s spec may hold 8-bit states: :data:`Q8_VARIABLE` set, and the spec has
-    no element reductions and no row/column factors (module doc)."""
-    return os.environ.get(Q8_VARIABLE) == "1" and plan.reductions == 0 and not plan.factored
+    """Whether slots of ``plan``'s spec may hold 8-bit states: :data:`Q8_VARIABLE` not 0, and the spec
+    has no element reductions and no row/column factors (module doc)."""
+    return os.environ.get(Q8_VARIABLE, "1") != "0" and plan.reductions == 0 and not plan.factored
 
 
 class Q8Rows(NamedTuple):
@@ -162,43 +176,32 @@ def _store(dst: Tensor | Q8Rows, value: Tensor) -> None:
 def chunk_function(plan: KernelPlan, kind: SlotKind, arity: int) -> Callable[..., None]:
     """The step of ``arity`` slots of ``kind``: ``fn(*slot tensors, s, *(qmap, table) per 8-bit map)``."""
     kernel = plan.make_function(load=_loader(kind.compute_dtype), store=_store)
-    width, forms, block = kind.width, kind.states, kind.block
+    width, forms = kind.width, kind.states
     maps = kind.q8_maps
 
     def plain_slot(tensors: Sequence[Tensor], s: Tensor) -> None:
         kernel(*tensors, s)
 
     def blocked_slot(tensors: Sequence[Tensor], s: Tensor, tables: dict[str, tuple[Tensor, Tensor]]) -> None:
-        param, grad = tensors[0], tensors[1]
-        n = param.numel()
-        rows = n // block
-        whole = rows * block
-
-        def head(x: Tensor) -> Tensor:
-            return x.reshape(-1)[:whole].view(rows, block)
-
-        def tail(x: Tensor) -> Tensor:
-            return x.reshape(-1)[whole:].view(1, -1)
-
-        heads: list[Tensor | Q8Rows] = []
-        tails: list[Tensor | Q8Rows] = []
-        at = 2
+        heads: list[Tensor | Q8Rows] = [tensors[0], tensors[2]]
+        tails: list[Tensor | Q8Rows] = [tensors[1], tensors[3]]
+        at = 4
         for form in forms:
             if form.q8 is not None:
-                codes, absmax_rows, absmax_tail = tensors[at : at + 3]
+                codes_head, codes_tail, absmax_rows, absmax_tail = tensors[at : at + 4]
                 qmap, table = tables[form.q8]
-                heads.append(Q8Rows(head(codes), absmax_rows, qmap, table))
-                tails.append(Q8Rows(tail(codes), absmax_tail, qmap, table))
+                heads.append(Q8Rows(codes_head, absmax_rows, qmap, table))
+                tails.append(Q8Rows(codes_tail, absmax_tail, qmap, table))
             elif form.layout is Layout.TENSOR:
                 heads.append(tensors[at])
                 tails.append(tensors[at].clone())  # read at its old value, written by the first call only
             else:
-                heads.append(head(tensors[at]))
-                tails.append(tail(tensors[at]))
-            at += form.width
-        kernel(head(param), head(grad), *heads, s)
-        if torch.compiler.is_compiling() or n % block:  # eager: an empty tail row has no absmax
-            kernel(tail(param), tail(grad), *tails, s)
+                heads.append(tensors[at])
+                tails.append(tensors[at + 1])
+            at += form.width(True)
+        kernel(*heads, s)
+        if torch.compiler.is_compiling() or tensors[1].numel():  # eager: an empty tail row has no absmax
+            kernel(*tails, s)
 
     def chunk(*args: Tensor) -> None:
         s = args[arity * width]
@@ -320,15 +323,19 @@ class ChunkGraph:
         marks: list[tuple[int, list[int]]] = []
         for k in range(self.key.arity):
             base = k * width
+            if kind.blocked:  # heads (rows, B) and absmax rows (rows, 1): the rows; tails (1, r): r
+                for at, form in _blocked_positions(kind, base):
+                    if form is None or form.layout is not Layout.TENSOR:
+                        marks += [(at, [0]), (at + 1, [1])]
+                    if form is not None and form.q8 is not None:
+                        marks.append((at + 2, [0]))
+                continue
             marks += [(base, list(range(kind.rank))), (base + 1, list(range(kind.rank)))]
             at = base + 2
             for form in kind.states:
                 t = scratch[at]
-                if form.q8 is not None:
-                    marks += [(at, list(range(kind.rank))), (at + 1, [0])]
-                else:
-                    marks.append((at, [d for d in range(t.dim()) if t.shape[d] != 1]))
-                at += form.width
+                marks.append((at, [d for d in range(t.dim()) if t.shape[d] != 1]))
+                at += form.width(False)
         return marks
 
     def _agrees_with_eager(self, sizes: Sequence[tuple[int, ...]], seed: int) -> bool:
@@ -340,7 +347,19 @@ class ChunkGraph:
                 self.call(self.inputs(actual))
             except Exception:
                 return False
-        return all(_close(a, e) for a, e in zip(actual, expected, strict=True))
+        unused = self._unused_scratch(expected)
+        return all(_close(a, e) for i, (a, e) in enumerate(zip(actual, expected, strict=True)) if i not in unused)
+
+    def _unused_scratch(self, args: Sequence[Tensor]) -> set[int]:
+        """Arguments whose value is no result: the last block's absmax of a slot whose tail is empty."""
+        kind, width = self.key.kind, self.key.kind.width
+        if not kind.blocked:
+            return set()
+        unused: set[int] = set()
+        for k in range(self.key.arity):
+            if args[k * width + 1].numel() == 0:
+                unused |= {at + 3 for at, form in _blocked_positions(kind, k * width) if form and form.q8}
+        return unused
 
 
 def slot_scratch(kind: SlotKind, shape: tuple[int, ...], gen: torch.Generator | None = None) -> list[Tensor]:
@@ -349,17 +368,45 @@ def slot_scratch(kind: SlotKind, shape: tuple[int, ...], gen: torch.Generator | 
     def rand(s: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.rand(s, generator=gen, dtype=torch.float64).add_(0.5).to(device=kind.device, dtype=dtype)
 
-    tensors = [rand(shape, kind.param_dtype), rand(shape, kind.grad_dtype)]
-    n = math.prod(shape)
+    if not kind.blocked:
+        tensors = [rand(shape, kind.param_dtype), rand(shape, kind.grad_dtype)]
+        return tensors + [rand(_state_shape(form.layout, shape), form.dtype) for form in kind.states]
+    # separate tensors, not views of one: dynamo would trace views of one base as that base
+    n, block = math.prod(shape), kind.block
+    head, tail = (n // block, block), (1, n % block)
+    tensors = [rand(head, kind.param_dtype), rand(tail, kind.param_dtype)]
+    tensors += [rand(head, kind.grad_dtype), rand(tail, kind.grad_dtype)]
     for form in kind.states:
         if form.q8 is not None:
             top = 255 if form.q8 == "signed" else 256  # a signed map has 255 entries
-            codes = torch.randint(0, top, shape, generator=gen, dtype=torch.uint8).to(kind.device)
-            rows = n // form.block
-            tensors += [codes, rand((rows, 1), torch.float32), rand((1, 1), torch.float32)]
+            tensors += [
+                torch.randint(0, top, v, generator=gen, dtype=torch.uint8).to(kind.device) for v in (head, tail)
+            ]
+            tensors += [rand((head[0], 1), torch.float32), rand((1, 1), torch.float32)]
+        elif form.layout is Layout.TENSOR:
+            tensors.append(rand((), form.dtype))
         else:
-            tensors.append(rand(_state_shape(form.layout, shape), form.dtype))
+            tensors += [rand(head, form.dtype), rand(tail, form.dtype)]
     return tensors
+
+
+def block_views(x: Tensor, block: int) -> list[Tensor]:
+    """The head ``(⌊n/B⌋, B)`` and tail ``(1, n mod B)`` views of a contiguous tensor (module doc)."""
+    flat = x.view(-1)
+    rows = flat.numel() // block
+    whole = rows * block
+    return [flat[:whole].view(rows, block), flat[whole:].view(1, -1)]
+
+
+def _blocked_positions(kind: SlotKind, base: int) -> list[tuple[int, StateForm | None]]:
+    """Where each tensor of a blocked slot starting at ``base`` begins: the parameter's and the
+    gradient's views (``None``), then each state's (module doc)."""
+    positions: list[tuple[int, StateForm | None]] = [(base, None), (base + 2, None)]
+    at = base + 4
+    for form in kind.states:
+        positions.append((at, form))
+        at += form.width(True)
+    return positions
 
 
 def _state_shape(layout: Layout, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -391,8 +438,8 @@ def _trace_sizes(key: GraphKey) -> list[tuple[int, ...]]:
 
 def _distinct_shapes(key: GraphKey, target: int) -> list[tuple[int, ...]]:
     """One shape per slot of about ``target`` elements, every dimension a distinct prime (a size seen
-    twice would be traced as one symbol) and distinct from each 8-bit slot's block count; an 8-bit
-    slot has at least 2 whole blocks and a tail of at least 2 elements."""
+    twice would be traced as one symbol). A blocked slot's graph sees its block count and tail length
+    instead: those are distinct, at least 2 each, and never the block size."""
     kind = key.kind
     rank = kind.rank
     per_dim = max(round(target ** (1.0 / max(rank, 1))), 3)
@@ -402,13 +449,12 @@ def _distinct_shapes(key: GraphKey, target: int) -> list[tuple[int, ...]]:
     for _ in range(key.arity):
         while True:
             shape = tuple(next(primes) for _ in range(rank))
-            n = math.prod(shape)
             dims = set(shape)
-            if kind.block:
-                rows = n // kind.block
-                if rows < 2 or n % kind.block < 2 or rows in used | dims:
+            if kind.blocked:
+                n = math.prod(shape)
+                dims = {n // kind.block, n % kind.block}
+                if min(dims) < 2 or len(dims) < 2 or kind.block in dims:
                     continue
-                dims.add(rows)
             if not dims & used:
                 used |= dims
                 shapes.append(shape)

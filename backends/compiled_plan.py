@@ -36,6 +36,7 @@ from portopt.backends.compiled_graphs import (
     GraphKey,
     SlotKind,
     StateForm,
+    block_views,
     dummy_shape,
     is_edge,
     kind_tables,
@@ -81,12 +82,15 @@ class Chunk:
 
     graph: ChunkGraph
     template: list[Any]
-    grads: list[tuple[int, int]]
-    """(input position, parameter index) of each real slot's gradient."""
+    grads: list[tuple[int, int, int]]
+    """(input position, parameter index, view) of each real slot's gradient: view 0 the gradient
+    itself, or in a blocked slot 0 its head and 1 its tail (:func:`block_views`)."""
     scalars: int
     """Input position of the step-scalar tensor ``s``."""
     slots: list[int]
     """The parameter index of each real slot, in slot order (padding slots follow)."""
+    block: int = 0
+    """The block size of a blocked graph's views (0: not blocked)."""
 
 
 @dataclass
@@ -180,7 +184,8 @@ class GroupPlan:
         if len(blocks) > 1 or not all(t.is_contiguous() for t in tensors):
             return None
         compute = self.ctx.compute_dtype([t.dtype for t in tensors])
-        return SlotKind(param.device, param.dtype, grad.dtype, tuple(forms), param.dim(), compute)
+        rank = 1 if blocks else param.dim()  # a blocked slot is taken flat, as block views
+        return SlotKind(param.device, param.dtype, grad.dtype, tuple(forms), rank, compute)
 
     def _key(self, kind: SlotKind, param: Tensor) -> GraphKey:
         parallel = param.numel() >= self.ctx.parallel_min_numel
@@ -191,17 +196,23 @@ class GroupPlan:
 
     # packing --------------------------------------------------------------------------
     def _slot_tensors(self, kind: SlotKind, state: ParamState, param: Tensor, grad: Tensor) -> list[Tensor]:
-        tensors = [param, grad]  # the parameter itself: a later ``param.data = ...`` is seen, never a stale alias
+        if not kind.blocked:
+            # the parameter itself: a later ``param.data = ...`` is seen, never a stale alias
+            return [param, grad] + [state[name] for name in self.names]
+        # block views (compiled_graphs module doc); a later ``param.data = ...`` changes the
+        # parameter's identity or storage, which ``matches`` sees
+        block = kind.block
+        tensors = block_views(param, block) + block_views(grad, block)
         n = param.numel()
         for form, name in zip(kind.states, self.names, strict=True):
             value: Any = state[name]
             if form.q8 is None:
-                tensors.append(value)
+                tensors += [value] if form.layout is Layout.TENSOR else block_views(value, block)
                 continue
-            rows = n // form.block
+            rows = n // block
             absmax = value.absmax
-            tail = absmax[rows:].view(1, 1) if n % form.block else torch.zeros((1, 1), device=absmax.device)
-            tensors += [value.codes, absmax[:rows].view(rows, 1), tail]
+            tail = absmax[rows:].view(1, 1) if n % block else torch.zeros((1, 1), device=absmax.device)
+            tensors += [*block_views(value.codes, block), absmax[:rows].view(rows, 1), tail]
         return tensors
 
     def _pack(
@@ -224,10 +235,12 @@ class GroupPlan:
                 args += padding
             args += [s, *tables]
             template = graph.inputs(args)
-            grad_at = {k * width + 1: i for k, i in enumerate(slots)}
-            positions = [(pos, grad_at[a]) for pos, (a, d) in enumerate(graph.layout) if d < 0 and a in grad_at]
+            # a blocked slot's gradient is two views (head, tail): argument 2, 3 of the slot, else 1
+            views = (2, 3) if kind.blocked else (1,)
+            grad_at = {k * width + v: (i, j) for k, i in enumerate(slots) for j, v in enumerate(views)}
+            positions = [(pos, *grad_at[a]) for pos, (a, d) in enumerate(graph.layout) if d < 0 and a in grad_at]
             scalars = next(pos for pos, (a, d) in enumerate(graph.layout) if d < 0 and a == arity * width)
-            pack.chunks.append(Chunk(graph, template, positions, scalars, slots))
+            pack.chunks.append(Chunk(graph, template, positions, scalars, slots, kind.block if kind.blocked else 0))
         return pack
 
     def matches(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState]) -> bool:
@@ -302,7 +315,11 @@ class GroupPlan:
             else:
                 s = shared
             inputs = chunk.template.copy()
-            for pos, i in chunk.grads:
-                inputs[pos] = grads[i]
+            if chunk.block:
+                for pos, i, view in chunk.grads:
+                    inputs[pos] = block_views(grads[i], chunk.block)[view]
+            else:
+                for pos, i, _ in chunk.grads:
+                    inputs[pos] = grads[i]
             inputs[chunk.scalars] = s
             chunk.graph.call(inputs)
