@@ -82,9 +82,12 @@ class Chunk:
 
     graph: ChunkGraph
     template: list[Any]
-    grads: list[tuple[int, int, int]]
-    """(input position, parameter index, view) of each real slot's gradient: view 0 the gradient
-    itself, or in a blocked slot 0 its head and 1 its tail (:func:`block_views`)."""
+    fresh: list[tuple[int, int, int, int]]
+    """The inputs taken anew at every call: (input position, parameter index, source, view). Source 1
+    is the gradient (a new tensor every step), 0 the parameter, taken anew in a blocked slot only (its
+    block views: a later ``param.data = ...`` must be seen, as an unblocked slot sees it through the
+    parameter itself). View 0 is the tensor itself, or in a blocked slot its head, 1 its tail
+    (:func:`block_views`)."""
     scalars: int
     """Input position of the step-scalar tensor ``s``."""
     slots: list[int]
@@ -235,10 +238,15 @@ class GroupPlan:
                 args += padding
             args += [s, *tables]
             template = graph.inputs(args)
-            # a blocked slot's gradient is two views (head, tail): argument 2, 3 of the slot, else 1
-            views = (2, 3) if kind.blocked else (1,)
-            grad_at = {k * width + v: (i, j) for k, i in enumerate(slots) for j, v in enumerate(views)}
-            positions = [(pos, *grad_at[a]) for pos, (a, d) in enumerate(graph.layout) if d < 0 and a in grad_at]
+            # a slot's arguments 0 and 1 are its parameter and gradient, or in a blocked slot 0-3 their
+            # head and tail views (Chunk.fresh)
+            fresh: dict[int, tuple[int, int, int]] = {}
+            for k, i in enumerate(slots):
+                if kind.blocked:
+                    fresh |= {k * width + a: (i, a // 2, a % 2) for a in range(4)}
+                else:
+                    fresh[k * width + 1] = (i, 1, 0)
+            positions = [(pos, *fresh[a]) for pos, (a, d) in enumerate(graph.layout) if d < 0 and a in fresh]
             scalars = next(pos for pos, (a, d) in enumerate(graph.layout) if d < 0 and a == arity * width)
             pack.chunks.append(Chunk(graph, template, positions, scalars, slots, kind.block if kind.blocked else 0))
         return pack
@@ -316,10 +324,13 @@ class GroupPlan:
                 s = shared
             inputs = chunk.template.copy()
             if chunk.block:
-                for pos, i, view in chunk.grads:
-                    inputs[pos] = block_views(grads[i], chunk.block)[view]
+                views: dict[tuple[int, int], list[Tensor]] = {}
+                for pos, i, source, view in chunk.fresh:
+                    if (i, source) not in views:
+                        views[i, source] = block_views(grads[i] if source else self.params[i], chunk.block)
+                    inputs[pos] = views[i, source][view]
             else:
-                for pos, i, _ in chunk.grads:
+                for pos, i, _, _ in chunk.fresh:
                     inputs[pos] = grads[i]
             inputs[chunk.scalars] = s
             chunk.graph.call(inputs)
