@@ -186,13 +186,16 @@ class Comparison:
 
 
 def error_ratio(got: Tensor, expected: Tensor, allowed: Tensor) -> Tensor:
-    """Element-wise ``|got − expected| / allowed``; non-finite values: 0 where both are, inf where one is."""
+    """Element-wise ``|got − expected| / allowed``; non-finite values: 0 where both are, inf where one is.
+
+    Never NaN: an infinite or NaN allowance (an error bound that cannot be computed) accepts
+    anything finite, so a NaN cannot be reported as the worst element while not counted over."""
     got = got.detach().to(device="cpu", dtype=torch.float64)
     got_finite, expected_finite = torch.isfinite(got), torch.isfinite(expected)
     both_finite = got_finite & expected_finite
     diff = torch.where(both_finite, (got - expected).abs(), torch.zeros_like(expected))
-    # An infinite allowance (an error bound that cannot be computed) accepts anything finite.
-    ratio = torch.where(torch.isinf(allowed), torch.zeros_like(diff), diff / allowed)
+    exact = ~torch.isfinite(allowed) | (diff == 0)  # accepted whatever the allowance, 0 included
+    ratio = torch.where(exact, torch.zeros_like(diff), diff / torch.where(exact, 1.0, allowed))
     return torch.where(got_finite != expected_finite, torch.full_like(ratio, math.inf), ratio)
 
 

@@ -257,3 +257,23 @@ def test_an_algorithm_missing_from_the_table_gets_default_cases(monkeypatch: pyt
     assert names == ["sgd_copy/quick", "sgd_copy[wd=0.1]/quick"]
     with pytest.raises(ValueError, match="unknown algorithm"):
         build_cases(["no_such_algorithm"])
+
+
+def test_compare_never_reports_an_accepted_element_as_the_worst() -> None:
+    inf, nan = math.inf, math.nan
+    expected = torch.tensor([inf, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    got = torch.tensor([inf, 1.0, 2.0, 3.5, 4.0 + 1e-7], dtype=torch.float32)
+    # both infinite (NaN allowance); exact under a zero allowance; finite under a NaN allowance;
+    # 0.5 off under an allowance of 1.0: the worst, a ratio of 0.5; the last at 1e-7 / 1e-6 (allowed)
+    allowed = torch.tensor([nan, 0.0, nan, 1.0, 1e-6], dtype=torch.float64)
+    result = compare(got, expected, allowed)
+    assert result.count_over == 0
+    assert result.index == (3,)
+    assert result.worst == pytest.approx(0.5)
+    one_infinite = compare(torch.tensor([inf, 1.0]), torch.tensor([1.0, 1.0], dtype=torch.float64), torch.ones(2))
+    assert one_infinite.count_over == 1
+    assert one_infinite.worst == inf
+    assert one_infinite.index == (0,)
+    off_under_zero = compare(torch.tensor([1.5]), torch.tensor([1.0], dtype=torch.float64), torch.zeros(1))
+    assert off_under_zero.count_over == 1
+    assert off_under_zero.worst == inf
