@@ -51,7 +51,7 @@ def _step_group(step: CompiledStep, sizes: list[int], seed: int) -> tuple[list[t
 
 def test_a_small_group_compiles_a_small_graph_and_a_later_one_reuses_a_wider_graph() -> None:
     step = CompiledStep(get_spec("lion"), serial_arity=16, parallel_arity=4)
-    arities: list[int] = []
+    arities: list[list[int]] = []
     for sizes, seed in (([7, 11, 13], 0), ([17 + i for i in range(20)], 1), ([5, 9], 2)):
         params, expected = _step_group(step, sizes, seed)
         for p, e in zip(params, expected, strict=True):
