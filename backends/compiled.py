@@ -8,7 +8,9 @@ launch), so a step is a few calls per group, each one pass over its tensors: eve
 the host in float64 and passed in one small tensor, one row per slot (changing ``lr``, the
 betas or ``t`` never recompiles). :mod:`portopt.backends.compiled_graphs` builds the graphs
 (one per slot kind: device, dtypes, storage of each state, rank; small tensors on serial
-graphs of :data:`SERIAL_ARITY` slots, large ones on parallel graphs of :data:`PARALLEL_ARITY`);
+graphs of up to :data:`SERIAL_ARITY` slots, large ones on parallel graphs of up to
+:data:`PARALLEL_ARITY`, fewer for a group with fewer tensors of the kind:
+:func:`~portopt.backends.compiled_plan.fitted_arity`);
 every dimension is dynamic, so one graph serves every mix of sizes. Graphs are compiled once
 per process per (spec, kind) (:func:`compiled_graph`) and shared by every step function of an
 equal spec; Inductor's FX-graph cache (``TORCHINDUCTOR_CACHE_DIR``) keeps the compiled code
@@ -155,9 +157,9 @@ def _unavailable_reason() -> str | None:
 
 
 SERIAL_ARITY = 16
-"""Slots per call of a graph for small tensors (its loops run on one thread)."""
+"""Most slots per call of a graph for small tensors (its loops run on one thread)."""
 PARALLEL_ARITY = 4
-"""Slots per call of a graph for large tensors (each loop split over the threads)."""
+"""Most slots per call of a graph for large tensors (each loop split over the threads)."""
 PARALLEL_MIN_NUMEL = 1 << 16
 """Tensors of at least this many elements go to the parallel graphs. Below it, splitting a loop
 over the threads costs more (a fork and a barrier per tensor, far more when the cores are shared)
@@ -330,10 +332,19 @@ class CompiledStep:
 
     # what a plan asks for -----------------------------------------------------------------
     def _graph(self, key: GraphKey) -> ChunkGraph | None:
-        """The usable graph for ``key``, compiled on first request; ``None`` if none can be."""
+        """The usable graph for ``key``, compiled on first request; ``None`` if none can be. A graph of the
+        same kind with more slots, compiled already for another group, serves instead (the smallest such):
+        a padded call costs less than compiling another graph."""
         graph = self.graphs.get(key)
         if graph is not None:
             return graph
+        wider = [
+            g
+            for k, g in self.graphs.items()
+            if (k.kind, k.parallel) == (key.kind, key.parallel) and k.arity > key.arity
+        ]
+        if wider:
+            return min(wider, key=lambda g: g.key.arity)
         if key in self._unusable:
             return None
         reason = compile_unavailable_reason(key.kind.device.type)

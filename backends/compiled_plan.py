@@ -24,6 +24,7 @@ backend's executor (``fallback``): same states, same rounding rules.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,18 @@ InitialState = Callable[[Tensor, Tensor, Hypers, torch.dtype], dict[str, Any]]
 """Creates the states of a parameter before its first step (``param_dtype``: the model's dtype)."""
 Fallback = Callable[[list[Tensor], list[Tensor], list[ParamState], Hypers, list[torch.dtype], list[int]], None]
 """Steps parameters no graph takes (params, grads, states, hypers, model dtypes, optimizer-wide numbers)."""
+
+
+def fitted_arity(members: int, most: int) -> int:
+    """Slots per call for a group of ``members`` parameters of one kind: the next power of two at or
+    above ``members``, at most ``most``. A graph's compile time grows with its slots (a 16-slot graph
+    costs several times a 2-slot one), so a group of 3 tensors gets a 4-slot graph, not a 16-slot one
+    of 13 padding slots; powers of two keep the graphs of one kind to a handful. Groups of ``most``
+    tensors or more get the configured arity (the steady-state step on many tensors is unchanged)."""
+    arity = 1
+    while arity < members and arity < most:
+        arity *= 2
+    return min(arity, most)
 
 
 @dataclass(frozen=True)
@@ -137,11 +150,13 @@ class GroupPlan:
                 current.append(new)
         self.current = current
         kinds = [self._slot_kind(p, g, s) for p, g, s in zip(params, grads, current, strict=True)]
+        sizes = [None if k is None else (k, self._parallel(p)) for p, k in zip(params, kinds, strict=True)]
+        counts = Counter(x for x in sizes if x is not None)
         self.packs: list[Pack] = []
         self.fallback: list[int] = []
         by_key: dict[GraphKey, list[int]] = {}
-        for i, (p, kind) in enumerate(zip(params, kinds, strict=True)):
-            key = None if kind is None else self._key(kind, p)
+        for i, (p, size) in enumerate(zip(params, sizes, strict=True)):
+            key = None if size is None else self._key(*size, counts[size])
             graph = None if key is None else ctx.graph(key)
             if graph is None or (not graph.edge_sizes and is_edge(graph.key.kind, tuple(p.shape))):
                 self.fallback.append(i)
@@ -190,12 +205,16 @@ class GroupPlan:
         rank = 1 if blocks else param.dim()  # a blocked slot is taken flat, as block views
         return SlotKind(param.device, param.dtype, grad.dtype, tuple(forms), rank, compute)
 
-    def _key(self, kind: SlotKind, param: Tensor) -> GraphKey:
-        parallel = param.numel() >= self.ctx.parallel_min_numel
+    def _parallel(self, param: Tensor) -> bool:
+        return param.numel() >= self.ctx.parallel_min_numel
+
+    def _key(self, kind: SlotKind, parallel: bool, members: int) -> GraphKey:
+        """The graph wanted for ``members`` parameters of ``kind``: at most the configured arity, and no
+        more slots than the next power of two above ``members`` (:func:`fitted_arity`)."""
         arity = self.ctx.parallel_arity if parallel else self.ctx.serial_arity
         if kind.q8_maps:  # each 8-bit slot is two loop nests with a gather-heavy codec (Q8_MAX_ARITY)
             arity = min(arity, Q8_MAX_ARITY)
-        return GraphKey(kind, arity, parallel)
+        return GraphKey(kind, fitted_arity(members, arity), parallel)
 
     # packing --------------------------------------------------------------------------
     def _slot_tensors(self, kind: SlotKind, state: ParamState, param: Tensor, grad: Tensor) -> list[Tensor]:
