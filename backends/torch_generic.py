@@ -43,12 +43,14 @@ which hooks into the reads and stores of this executor (``build_with_policy``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from portopt.backends.torch_generic_plan import PlannedGroup, StepPlans, step_values
 from portopt.distributed.layout import logical_facts
 from portopt.distributed.reductions import MeshReductions
 from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype, with_inputs
@@ -397,6 +399,9 @@ class TorchStep:
         self.state_dtype = state_dtype
         self.per_tensor = per_tensor
         """One parameter per bucket and single-tensor calls (``foreach=False``)."""
+        self._state_names: dict[Spec, tuple[str, ...]] = {}
+        self.plans_ = StepPlans()
+        """The plans of the parameter lists this step function steps again and again."""
 
     def variant(self, param: Tensor) -> Spec:
         """The plain spec ``param`` runs (its shape class's, for a shape-dependent spec)."""
@@ -411,8 +416,34 @@ class TorchStep:
     def __call__(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
     ) -> None:
-        check_step_inputs(self.spec, params, grads, states, hypers)
-        self.apply(params, grads, states, hypers)
+        run = self.prepare(params, grads, states, hypers)
+        assert run is not None
+        run()
+
+    def prepare(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        *,
+        only_if_planned: bool = False,
+    ) -> Callable[[], None] | None:
+        """Check the inputs and plan the step; nothing is written but the step counters' move into one
+        tensor (values unchanged). Returns the step itself, or, with ``only_if_planned``, ``None`` when
+        the inputs are not those of a plan already built
+        (:class:`~portopt.backends.torch_generic_plan.StepPlans`)."""
+        return self.plans_.prepare(
+            self,
+            params,
+            grads,
+            states,
+            hypers,
+            None,
+            only_if_planned,
+            lambda: check_step_inputs(self.spec, params, grads, states, hypers),
+            lambda: functools.partial(self.apply, params, grads, states, hypers),
+        )
 
     @torch.no_grad()
     def apply(
@@ -465,44 +496,91 @@ class TorchStep:
         state["step"] = torch.tensor(0.0, dtype=step_counter_dtype())
         return state
 
-    def buckets(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState]) -> list[_Bucket]:
-        """Group the parameters by device, dtypes, shape class and next step value."""
+    def bucket_key(
+        self, param: Tensor, grad: Tensor, state: ParamState, spec: Spec
+    ) -> tuple[tuple[object, ...], torch.dtype]:
+        """What parameters of one bucket share besides the step value (device, dtypes, shape class), and
+        the bucket's compute dtype."""
+        state_dtypes = tuple(state[n].dtype for n in self.state_names(spec))
+        key = (param.device, param.dtype, grad.dtype, state_dtypes, spec)
+        return key, compute_dtype([param.dtype, grad.dtype, *state_dtypes])
+
+    def state_names(self, spec: Spec) -> tuple[str, ...]:
+        """``spec.state_names``, built once per variant."""
+        names = self._state_names.get(spec)
+        if names is None:
+            names = self._state_names[spec] = spec.state_names
+        return names
+
+    def buckets(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        indices: Sequence[int] | None = None,
+    ) -> list[_Bucket]:
+        """Group the parameters by device, dtypes, shape class and next step value (keeping their numbers)."""
+        numbers = range(len(params)) if indices is None else indices
         buckets: dict[tuple[object, ...], _Bucket] = {}
-        for param, grad, state in zip(params, grads, states, strict=True):
-            t = float(state["step"]) + 1.0
+        counts = step_values(states)
+        for param, grad, state, number, count in zip(params, grads, states, numbers, counts, strict=True):
+            t = count + 1.0
             spec = self.variant(param)
-            state_dtypes = tuple(state[n].dtype for n in spec.state_names)
-            key = (param.device, param.dtype, grad.dtype, state_dtypes, t, spec, len(buckets) if self.per_tensor else 0)
+            shared, dtype = self.bucket_key(param, grad, state, spec)
+            key = (*shared, t, len(buckets) if self.per_tensor else 0)
             bucket = buckets.get(key)
             if bucket is None:
-                dtype = compute_dtype([param.dtype, grad.dtype, *state_dtypes])
                 bucket = buckets[key] = _Bucket(t, dtype, param.device, spec)
             bucket.params.append(param)
             bucket.grads.append(grad)
             bucket.states.append(state)
+            bucket.indices.append(number)
         return list(buckets.values())
+
+    def run_group(
+        self,
+        group: PlannedGroup,
+        t: float,
+        grads: TensorList,
+        members: Sequence[int] | None,
+        hypers: Mapping[str, float],
+    ) -> None:
+        """Run a plan's group (or its ``members``, positions in the group) as one bucket at step ``t``."""
+        if members is None:
+            params, states, storage, numbers = group.params, group.states, group.storage, group.numbers
+        else:
+            params, states, storage, numbers = group.select(members)
+        bucket = _Bucket(t, group.dtype, group.device, group.spec, {}, params, grads, states, numbers)
+        self.run_bucket(bucket, hypers, storage)
 
     def runner(self, bucket: _Bucket, host: Mapping[Expr, HostValue]) -> _Runner:
         """The executor of this step's program over ``bucket``."""
         return _LoopRunner(bucket, host) if self.per_tensor else _Runner(bucket, host)
 
     def step_bucket(self, bucket: _Bucket, hypers: Mapping[str, float]) -> None:
+        """Run the program over ``bucket``, then increment its step counters."""
         spec = bucket.spec or self.spec
-        plan = self.plan_for(spec)
+        storage: dict[str | None, TensorList] = {None: bucket.params}
+        for name in self.state_names(spec):
+            storage[name] = [s[name] for s in bucket.states]
+        self.run_bucket(bucket, hypers, storage)
+        if self.per_tensor:
+            bucket.states[0]["step"].add_(1.0)
+        else:
+            torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
+
+    def run_bucket(
+        self, bucket: _Bucket, hypers: Mapping[str, float], storage: Mapping[str | None, TensorList]
+    ) -> None:
+        """Run the program over ``bucket`` (its parameters and states: ``storage``); counters unchanged."""
+        plan = self.plan_for(bucket.spec or self.spec)
         bucket.hypers = hypers
         host: dict[Expr, HostValue] = {}
         evaluate_host(plan.host_nodes, bucket.t, hypers, host)
         grad_writable = bucket.grads[0].dtype != bucket.dtype
         program = plan.program(host, grad_writable)
         evaluate_host(program.host_nodes, bucket.t, hypers, host)
-        storage: dict[str | None, TensorList] = {None: bucket.params}
-        for name in spec.state_names:
-            storage[name] = [s[name] for s in bucket.states]
         self.runner(bucket, host).run(program, storage)
-        if self.per_tensor:
-            bucket.states[0]["step"].add_(1.0)
-        else:
-            torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
 
 
 def build_torch_step(spec: Spec) -> TorchStep:
