@@ -62,8 +62,9 @@ from portopt.lowering.program import Instr, Program, SpecPlan
 from portopt.lowering.registry import register_backend
 from portopt.lowering.torch_ops import TORCH_RULES
 from portopt.precision.policy import PrecisionPolicy
+from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
-from portopt.spec.expr import Expr
+from portopt.spec.expr import Expr, walk
 from portopt.spec.ops import Op
 from portopt.spec.symbols import Layout, StateDecl
 
@@ -385,6 +386,30 @@ def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+BIT_IDENTICAL = frozenset({"SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax"})
+"""The torch.optim classes this backend is bit-identical to on the CPU (README, "Bit-identity"): their specs
+keep torch's per-tensor calls (a flat op over a concatenation may round an element differently, where it
+moves between a vector loop's body and its scalar tail)."""
+
+
+def elementwise_only(spec: Spec) -> bool:
+    """Whether every value of ``spec`` is a step scalar or per element (no reductions, per-tensor or
+    row/column values or states, no shape or dtype facts): the step of a concatenation is the concatenation
+    of the steps."""
+    if any(decl.layout is not Layout.ELEMENTWISE for decl in spec.states):
+        return False
+    kinds = (spec.kind(node) for node in walk(list(spec.roots)))
+    return all(kind.is_step_scalar or kind is Kind.ELEMENT for kind in kinds)
+
+
+def torch_class(spec: Spec) -> str:
+    """The torch.optim class computing ``spec``'s algorithm (empty: none)."""
+    from portopt.algorithms import REGISTRY  # the registry's modules import the spec language only
+
+    registered = REGISTRY.get(spec.name)
+    return "" if registered is None else registered.torch_class
+
+
 class TorchStep:
     """The generic torch step function of one spec (see the module docstring).
 
@@ -400,6 +425,7 @@ class TorchStep:
         self.per_tensor = per_tensor
         """One parameter per bucket and single-tensor calls (``foreach=False``)."""
         self._state_names: dict[Spec, tuple[str, ...]] = {}
+        self._flat: dict[Spec, bool] = {}
         self.plans_ = StepPlans()
         """The plans of the parameter lists this step function steps again and again."""
 
@@ -546,12 +572,41 @@ class TorchStep:
         hypers: Mapping[str, float],
     ) -> None:
         """Run a plan's group (or its ``members``, positions in the group) as one bucket at step ``t``."""
+        if members is None and group.flat is not None:
+            self.run_flat(group, t, grads, hypers)
+            return
         if members is None:
             params, states, storage, numbers = group.params, group.states, group.storage, group.numbers
         else:
             params, states, storage, numbers = group.select(members)
         bucket = _Bucket(t, group.dtype, group.device, group.spec, {}, params, grads, states, numbers)
         self.run_bucket(bucket, hypers, storage)
+
+    def run_flat(self, group: PlannedGroup, t: float, grads: TensorList, hypers: Mapping[str, float]) -> None:
+        """A flat group's step: the program once over the concatenated parameters and gradients and the
+        state buffers (which the states are views of), then the new parameters copied back."""
+        assert group.flat is not None
+        if group.vectors:  # (the snapshot holds each gradient's shape to its parameter's)
+            views, flat_grad = group.params, torch.cat(grads)
+        else:
+            views = [p if p.dim() == 1 else p.view(-1) for p in group.params]
+            flat_grad = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])
+        flat_param = torch.cat(views)
+        storage: dict[str | None, TensorList] = {None: [flat_param]}
+        storage.update({name: [buffer] for name, buffer in group.flat.items()})
+        bucket = _Bucket(t, group.dtype, group.device, group.spec, {}, [flat_param], [flat_grad], [], [0])
+        self.run_bucket(bucket, hypers, storage)
+        torch.split_with_sizes_copy(flat_param, group.sizes, out=views)
+
+    def flat_eligible(self, spec: Spec) -> bool:
+        """Whether a plan may run small tensors of ``spec`` flat (:meth:`run_flat`): an element-wise spec whose
+        results are not promised bit-identical to torch.optim's per-tensor calls (:data:`BIT_IDENTICAL`)."""
+        if self.per_tensor:
+            return False
+        eligible = self._flat.get(spec)
+        if eligible is None:
+            eligible = self._flat[spec] = elementwise_only(spec) and torch_class(spec) not in BIT_IDENTICAL
+        return eligible
 
     def runner(self, bucket: _Bucket, host: Mapping[Expr, HostValue]) -> _Runner:
         """The executor of this step's program over ``bucket``."""

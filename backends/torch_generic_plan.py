@@ -58,6 +58,12 @@ class PlannedGroup:
     numbers: list[int] = field(default_factory=list)
     whole: bool = False
     """Whether the members are the whole parameter list, in order (the caller's gradient list is the group's)."""
+    flat: dict[str, Tensor] | None = None
+    """For a group run flat (:func:`adopt_flat_states`): each state's one buffer, of which the states are views."""
+    sizes: list[int] = field(default_factory=list)
+    """A flat group's element counts, in member order."""
+    vectors: bool = False
+    """Whether a flat group's parameters are all 1-d (concatenated as they are)."""
 
     def select(self, ks: Sequence[int]) -> tuple[TensorList, list[ParamState], dict[str | None, TensorList], list[int]]:
         """The parameters, states, storage and numbers of members ``ks`` (positions within the group)."""
@@ -72,6 +78,8 @@ class PlanOwner(Protocol):
     per_tensor: bool
 
     def variant(self, param: Tensor) -> Spec: ...
+
+    def flat_eligible(self, spec: Spec) -> bool: ...
 
     def state_names(self, spec: Spec) -> tuple[str, ...]: ...
 
@@ -128,9 +136,14 @@ class StepPlan:
             for name, column in group.storage.items():
                 column.append(param if name is None else state[name])
             classes.setdefault(spec, []).append(i)
+        self.groups: list[PlannedGroup] = []
         for group in groups.values():
-            group.whole = len(group.members) == count
-        self.groups = list(groups.values())
+            if owner.flat_eligible(group.spec):
+                self.groups += split_flat(group)
+            else:
+                self.groups.append(group)
+        for group in self.groups:
+            group.whole = group.members == list(range(count))
         self.snapshots: list[tuple[list[int] | None, InputSnapshot]] = []
         for spec, members in classes.items():
             if len(members) == count:
@@ -186,6 +199,55 @@ class StepPlan:
                 self.counters.increment()
             else:
                 torch._foreach_add_([s["step"] for s in self.states], 1.0)
+
+
+FLAT_MAX_NUMEL = 1024
+"""The largest tensor a flat group takes: below it a foreach call's per-tensor cost exceeds the copies."""
+
+
+def flat_member(param: Tensor, state: ParamState, names: Sequence[str]) -> bool:
+    """Whether a parameter can join a flat group: small and contiguous, its states plain tensors of its shape."""
+    if param.numel() > FLAT_MAX_NUMEL or not param.is_contiguous():
+        return False
+    return all(isinstance(state[n], Tensor) and state[n].shape == param.shape for n in names)
+
+
+def split_flat(group: PlannedGroup) -> list[PlannedGroup]:
+    """``group`` as a flat group of its small contiguous members (if there are two or more) and the rest."""
+    names = [name for name in group.storage if name is not None]
+    chosen = [k for k, (p, s) in enumerate(zip(group.params, group.states, strict=True)) if flat_member(p, s, names)]
+    if len(chosen) < 2:
+        return [group]
+    rest = [k for k in range(len(group.members)) if k not in set(chosen)]
+    parts = []
+    for ks, flat in ((chosen, True), (rest, False)):
+        if not ks:
+            continue
+        params, states, storage, numbers = group.select(ks)
+        part = PlannedGroup(group.spec, group.dtype, group.device, [group.members[k] for k in ks], params, states)
+        part.storage, part.numbers = storage, numbers
+        if flat:
+            part.flat = adopt_flat_states(part, names)
+            part.sizes = [p.numel() for p in params]
+            part.vectors = all(p.dim() == 1 for p in params)
+        parts.append(part)
+    return parts
+
+
+def adopt_flat_states(group: PlannedGroup, names: Sequence[str]) -> dict[str, Tensor]:
+    """Each state of ``group`` moved into one buffer per state name (values, dtype and device kept):
+    ``state[name]`` becomes a view of it, so a flat step updates the states where they are."""
+    sizes = [p.numel() for p in group.params]
+    buffers: dict[str, Tensor] = {}
+    for name in names:
+        column = group.storage[name]
+        buffer = torch.cat([x.reshape(-1) for x in column])
+        views = [v.view(x.shape) for v, x in zip(buffer.split(sizes), column, strict=True)]
+        for state, view in zip(group.states, views, strict=True):
+            state[name] = view
+        group.storage[name] = views
+        buffers[name] = buffer
+    return buffers
 
 
 _MAX_PLANS = 8

@@ -102,7 +102,7 @@ class PolicyStep(TorchStep):
         assert run is not None
         run()
 
-    def prepare(  # type: ignore[override]  # the policy's step takes the model dtypes and numbers
+    def prepare(  # the policy's step also takes the model dtypes and numbers
         self,
         params: Sequence[Tensor],
         grads: Sequence[Tensor],
@@ -174,6 +174,10 @@ class PolicyStep(TorchStep):
                 encode(state[name], stored)
                 state[name] = stored
         return state
+
+    def flat_eligible(self, spec: Spec) -> bool:
+        """Never: each state is read and stored in its own storage form (8-bit blocks, noise keys per tensor)."""
+        return False
 
     def bucket_key(
         self, param: Tensor, grad: Tensor, state: ParamState, spec: Spec
