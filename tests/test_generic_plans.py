@@ -108,7 +108,9 @@ def test_a_planned_step_still_refuses_a_bad_gradient_and_changes_nothing() -> No
         opt.step()
     before = [p.detach().clone() for p in params]
     states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    params[3].grad.data = torch.randn(2)  # (assigning .grad itself checks the shape; .data does not)
+    grad = params[3].grad
+    assert grad is not None
+    grad.data = torch.randn(2)  # (assigning .grad itself checks the shape; .data does not)
     with pytest.raises(StepInputError, match="gradient has shape"):
         opt.step()
     params[3].grad = gradient(9, 3, params[3])
