@@ -24,6 +24,14 @@ npu, mps, ... with nothing device-specific. A step over one param group:
 On the CPU this issues torch.optim's own calls for SGD, Adam, AdamW, Adagrad, RMSprop and
 Adamax, and the results are bit-identical to torch.optim's default implementation.
 
+A list of parameters stepped again and again is **planned** (:mod:`portopt.backends.torch_generic_plan`):
+checked in full once, then confirmed by a snapshot of its objects and tensor properties; its buckets
+(but for the step value) kept; its step counters the elements of one tensor. In a plan, the small
+contiguous tensors of an element-wise spec (:func:`elementwise_only`) that is not one of the algorithms
+above form a **flat** group: their states become views of one buffer per state, and a step runs each
+instruction once over the concatenated parameters and gradients and those buffers, then copies the new
+parameters back (:meth:`TorchStep.run_flat`): one op per instruction instead of a per-tensor loop.
+
 ``foreach=False`` (:func:`build_per_tensor_step`): every parameter is its own bucket and every
 instruction a single-tensor call (``lerp_``, ``addcdiv_``, ``torch.mul(..., out=)``), so a step
 holds the temporaries of one tensor at a time, in torch.optim's single-tensor op order.
