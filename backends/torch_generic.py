@@ -24,6 +24,14 @@ npu, mps, ... with nothing device-specific. A step over one param group:
 On the CPU this issues torch.optim's own calls for SGD, Adam, AdamW, Adagrad, RMSprop and
 Adamax, and the results are bit-identical to torch.optim's default implementation.
 
+A list of parameters stepped again and again is **planned** (:mod:`portopt.backends.torch_generic_plan`):
+checked in full once, then confirmed by a snapshot of its objects and tensor properties; its buckets
+(but for the step value) kept; its step counters the elements of one tensor. In a plan, the small
+contiguous tensors of an element-wise spec (:func:`elementwise_only`) that is not one of the algorithms
+above form a **flat** group: their states become views of one buffer per state, and a step runs each
+instruction once over the concatenated parameters and gradients and those buffers, then copies the new
+parameters back (:meth:`TorchStep.run_flat`): one op per instruction instead of a per-tensor loop.
+
 ``foreach=False`` (:func:`build_per_tensor_step`): every parameter is its own bucket and every
 instruction a single-tensor call (``lerp_``, ``addcdiv_``, ``torch.mul(..., out=)``), so a step
 holds the temporaries of one tensor at a time, in torch.optim's single-tensor op order.
@@ -43,12 +51,14 @@ which hooks into the reads and stores of this executor (``build_with_policy``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from portopt.backends.torch_generic_plan import PlannedGroup, StepPlans, step_values
 from portopt.distributed.layout import logical_facts
 from portopt.distributed.reductions import MeshReductions
 from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype, with_inputs
@@ -60,8 +70,9 @@ from portopt.lowering.program import Instr, Program, SpecPlan
 from portopt.lowering.registry import register_backend
 from portopt.lowering.torch_ops import TORCH_RULES
 from portopt.precision.policy import PrecisionPolicy
+from portopt.spec.analysis import Kind
 from portopt.spec.definition import Spec
-from portopt.spec.expr import Expr
+from portopt.spec.expr import Expr, walk
 from portopt.spec.ops import Op
 from portopt.spec.symbols import Layout, StateDecl
 
@@ -383,6 +394,30 @@ def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+BIT_IDENTICAL = frozenset({"SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax"})
+"""The torch.optim classes this backend is bit-identical to on the CPU (README, "Bit-identity"): their specs
+keep torch's per-tensor calls (a flat op over a concatenation may round an element differently, where it
+moves between a vector loop's body and its scalar tail)."""
+
+
+def elementwise_only(spec: Spec) -> bool:
+    """Whether every value of ``spec`` is a step scalar or per element (no reductions, per-tensor or
+    row/column values or states, no shape or dtype facts): the step of a concatenation is the concatenation
+    of the steps."""
+    if any(decl.layout is not Layout.ELEMENTWISE for decl in spec.states):
+        return False
+    kinds = (spec.kind(node) for node in walk(list(spec.roots)))
+    return all(kind.is_step_scalar or kind is Kind.ELEMENT for kind in kinds)
+
+
+def torch_class(spec: Spec) -> str:
+    """The torch.optim class computing ``spec``'s algorithm (empty: none)."""
+    from portopt.algorithms import REGISTRY  # the registry's modules import the spec language only
+
+    registered = REGISTRY.get(spec.name)
+    return "" if registered is None else registered.torch_class
+
+
 class TorchStep:
     """The generic torch step function of one spec (see the module docstring).
 
@@ -397,6 +432,10 @@ class TorchStep:
         self.state_dtype = state_dtype
         self.per_tensor = per_tensor
         """One parameter per bucket and single-tensor calls (``foreach=False``)."""
+        self._state_names: dict[Spec, tuple[str, ...]] = {}
+        self._flat: dict[Spec, bool] = {}
+        self.plans_ = StepPlans()
+        """The plans of the parameter lists this step function steps again and again."""
 
     def variant(self, param: Tensor) -> Spec:
         """The plain spec ``param`` runs (its shape class's, for a shape-dependent spec)."""
@@ -411,8 +450,34 @@ class TorchStep:
     def __call__(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
     ) -> None:
-        check_step_inputs(self.spec, params, grads, states, hypers)
-        self.apply(params, grads, states, hypers)
+        run = self.prepare(params, grads, states, hypers)
+        assert run is not None
+        run()
+
+    def prepare(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        *,
+        only_if_planned: bool = False,
+    ) -> Callable[[], None] | None:
+        """Check the inputs and plan the step; nothing is written but the step counters' move into one
+        tensor (values unchanged). Returns the step itself, or, with ``only_if_planned``, ``None`` when
+        the inputs are not those of a plan already built
+        (:class:`~portopt.backends.torch_generic_plan.StepPlans`)."""
+        return self.plans_.prepare(
+            self,
+            params,
+            grads,
+            states,
+            hypers,
+            None,
+            only_if_planned,
+            lambda: check_step_inputs(self.spec, params, grads, states, hypers),
+            lambda: functools.partial(self.apply, params, grads, states, hypers),
+        )
 
     @torch.no_grad()
     def apply(
@@ -465,44 +530,120 @@ class TorchStep:
         state["step"] = torch.tensor(0.0, dtype=step_counter_dtype())
         return state
 
-    def buckets(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState]) -> list[_Bucket]:
-        """Group the parameters by device, dtypes, shape class and next step value."""
+    def bucket_key(
+        self, param: Tensor, grad: Tensor, state: ParamState, spec: Spec
+    ) -> tuple[tuple[object, ...], torch.dtype]:
+        """What parameters of one bucket share besides the step value (device, dtypes, shape class), and
+        the bucket's compute dtype."""
+        state_dtypes = tuple(state[n].dtype for n in self.state_names(spec))
+        key = (param.device, param.dtype, grad.dtype, state_dtypes, spec)
+        return key, compute_dtype([param.dtype, grad.dtype, *state_dtypes])
+
+    def state_names(self, spec: Spec) -> tuple[str, ...]:
+        """``spec.state_names``, built once per variant."""
+        names = self._state_names.get(spec)
+        if names is None:
+            names = self._state_names[spec] = spec.state_names
+        return names
+
+    def buckets(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        indices: Sequence[int] | None = None,
+    ) -> list[_Bucket]:
+        """Group the parameters by device, dtypes, shape class and next step value (keeping their numbers)."""
+        numbers = range(len(params)) if indices is None else indices
         buckets: dict[tuple[object, ...], _Bucket] = {}
-        for param, grad, state in zip(params, grads, states, strict=True):
-            t = float(state["step"]) + 1.0
+        counts = step_values(states)
+        for param, grad, state, number, count in zip(params, grads, states, numbers, counts, strict=True):
+            t = count + 1.0
             spec = self.variant(param)
-            state_dtypes = tuple(state[n].dtype for n in spec.state_names)
-            key = (param.device, param.dtype, grad.dtype, state_dtypes, t, spec, len(buckets) if self.per_tensor else 0)
+            shared, dtype = self.bucket_key(param, grad, state, spec)
+            key = (*shared, t, len(buckets) if self.per_tensor else 0)
             bucket = buckets.get(key)
             if bucket is None:
-                dtype = compute_dtype([param.dtype, grad.dtype, *state_dtypes])
                 bucket = buckets[key] = _Bucket(t, dtype, param.device, spec)
             bucket.params.append(param)
             bucket.grads.append(grad)
             bucket.states.append(state)
+            bucket.indices.append(number)
         return list(buckets.values())
+
+    def run_group(
+        self,
+        group: PlannedGroup,
+        t: float,
+        grads: TensorList,
+        members: Sequence[int] | None,
+        hypers: Mapping[str, float],
+    ) -> None:
+        """Run a plan's group (or its ``members``, positions in the group) as one bucket at step ``t``."""
+        if members is None and group.flat is not None:
+            self.run_flat(group, t, grads, hypers)
+            return
+        if members is None:
+            params, states, storage, numbers = group.params, group.states, group.storage, group.numbers
+        else:
+            params, states, storage, numbers = group.select(members)
+        bucket = _Bucket(t, group.dtype, group.device, group.spec, {}, params, grads, states, numbers)
+        self.run_bucket(bucket, hypers, storage)
+
+    def run_flat(self, group: PlannedGroup, t: float, grads: TensorList, hypers: Mapping[str, float]) -> None:
+        """A flat group's step: the program once over the concatenated parameters and gradients and the
+        state buffers (which the states are views of), then the new parameters copied back."""
+        assert group.flat is not None
+        if group.vectors:  # (the snapshot holds each gradient's shape to its parameter's)
+            views, flat_grad = group.params, torch.cat(grads)
+        else:
+            views = [p if p.dim() == 1 else p.view(-1) for p in group.params]
+            flat_grad = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])
+        flat_param = torch.cat(views)
+        storage: dict[str | None, TensorList] = {None: [flat_param]}
+        storage.update({name: [buffer] for name, buffer in group.flat.items()})
+        bucket = _Bucket(t, group.dtype, group.device, group.spec, {}, [flat_param], [flat_grad], [], [0])
+        self.run_bucket(bucket, hypers, storage)
+        torch.split_with_sizes_copy(flat_param, group.sizes, out=views)
+
+    def flat_eligible(self, spec: Spec) -> bool:
+        """Whether a plan may run small tensors of ``spec`` flat (:meth:`run_flat`): an element-wise spec whose
+        results are not promised bit-identical to torch.optim's per-tensor calls (:data:`BIT_IDENTICAL`)."""
+        if self.per_tensor:
+            return False
+        eligible = self._flat.get(spec)
+        if eligible is None:
+            eligible = self._flat[spec] = elementwise_only(spec) and torch_class(spec) not in BIT_IDENTICAL
+        return eligible
 
     def runner(self, bucket: _Bucket, host: Mapping[Expr, HostValue]) -> _Runner:
         """The executor of this step's program over ``bucket``."""
         return _LoopRunner(bucket, host) if self.per_tensor else _Runner(bucket, host)
 
     def step_bucket(self, bucket: _Bucket, hypers: Mapping[str, float]) -> None:
+        """Run the program over ``bucket``, then increment its step counters."""
         spec = bucket.spec or self.spec
-        plan = self.plan_for(spec)
+        storage: dict[str | None, TensorList] = {None: bucket.params}
+        for name in self.state_names(spec):
+            storage[name] = [s[name] for s in bucket.states]
+        self.run_bucket(bucket, hypers, storage)
+        if self.per_tensor:
+            bucket.states[0]["step"].add_(1.0)
+        else:
+            torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
+
+    def run_bucket(
+        self, bucket: _Bucket, hypers: Mapping[str, float], storage: Mapping[str | None, TensorList]
+    ) -> None:
+        """Run the program over ``bucket`` (its parameters and states: ``storage``); counters unchanged."""
+        plan = self.plan_for(bucket.spec or self.spec)
         bucket.hypers = hypers
         host: dict[Expr, HostValue] = {}
         evaluate_host(plan.host_nodes, bucket.t, hypers, host)
         grad_writable = bucket.grads[0].dtype != bucket.dtype
         program = plan.program(host, grad_writable)
         evaluate_host(program.host_nodes, bucket.t, hypers, host)
-        storage: dict[str | None, TensorList] = {None: bucket.params}
-        for name in spec.state_names:
-            storage[name] = [s[name] for s in bucket.states]
         self.runner(bucket, host).run(program, storage)
-        if self.per_tensor:
-            bucket.states[0]["step"].add_(1.0)
-        else:
-            torch._foreach_add_([s["step"] for s in bucket.states], 1.0)
 
 
 def build_torch_step(spec: Spec) -> TorchStep:

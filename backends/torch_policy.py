@@ -26,7 +26,8 @@ Buckets also separate 8-bit from plain states (the foreach calls need plain tens
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -97,11 +98,36 @@ class PolicyStep(TorchStep):
         param_dtypes: Sequence[torch.dtype] | None = None,
         indices: Sequence[int] | None = None,
     ) -> None:
-        check_step_inputs(self.spec, params, grads, states, hypers, allow_quantized=True)
-        for what, values in (("param_dtypes", param_dtypes), ("indices", indices)):
-            if values is not None and len(values) != len(params):
-                raise ValueError(f"{self.spec.name}: got {len(values)} {what} for {len(params)} parameters")
-        self.apply(params, grads, states, hypers, param_dtypes=param_dtypes, indices=indices)
+        run = self.prepare(params, grads, states, hypers, param_dtypes=param_dtypes, indices=indices)
+        assert run is not None
+        run()
+
+    def prepare(  # the policy's step also takes the model dtypes and numbers
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        *,
+        param_dtypes: Sequence[torch.dtype] | None = None,
+        indices: Sequence[int] | None = None,
+        only_if_planned: bool = False,
+    ) -> Callable[[], None] | None:
+        """Check the inputs and plan the step, as :meth:`TorchStep.prepare
+        <portopt.backends.torch_generic.TorchStep.prepare>` does (8-bit states accepted)."""
+
+        def check() -> None:
+            check_step_inputs(self.spec, params, grads, states, hypers, allow_quantized=True)
+            for what, values in (("param_dtypes", param_dtypes), ("indices", indices)):
+                if values is not None and len(values) != len(params):
+                    raise ValueError(f"{self.spec.name}: got {len(values)} {what} for {len(params)} parameters")
+
+        def unplanned() -> Callable[[], None]:
+            return functools.partial(
+                self.apply, params, grads, states, hypers, param_dtypes=param_dtypes, indices=indices
+            )
+
+        return self.plans_.prepare(self, params, grads, states, hypers, indices, only_if_planned, check, unplanned)
 
     @torch.no_grad()
     def apply(
@@ -149,33 +175,20 @@ class PolicyStep(TorchStep):
                 state[name] = stored
         return state
 
-    def buckets(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        states: Sequence[ParamState],
-        indices: Sequence[int] | None = None,
-    ) -> list[_Bucket]:
-        """Group by device, dtypes (8-bit states apart), shape class and next step value; keep the parameter
-        numbers."""
-        numbers = list(indices) if indices is not None else list(range(len(params)))
-        buckets: dict[tuple[object, ...], _Bucket] = {}
-        for param, grad, state, number in zip(params, grads, states, numbers, strict=True):
-            t = float(state["step"]) + 1.0
-            spec = self.variant(param)
-            stored: list[Any] = [state[n] for n in spec.state_names]
-            forms = tuple(_QUANTIZED if isinstance(s, Q8State) else s.dtype for s in stored)
-            key = (param.device, param.dtype, grad.dtype, forms, t, spec)
-            bucket = buckets.get(key)
-            if bucket is None:
-                plain = [f for f in forms if isinstance(f, torch.dtype)]
-                dtype = compute_dtype([param.dtype, grad.dtype, *plain, self.policy.compute_dtype_for(param.dtype)])
-                bucket = buckets[key] = _Bucket(t, dtype, param.device, spec)
-            bucket.params.append(param)
-            bucket.grads.append(grad)
-            bucket.states.append(state)
-            bucket.indices.append(number)
-        return list(buckets.values())
+    def flat_eligible(self, spec: Spec) -> bool:
+        """Never: each state is read and stored in its own storage form (8-bit blocks, noise keys per tensor)."""
+        return False
+
+    def bucket_key(
+        self, param: Tensor, grad: Tensor, state: ParamState, spec: Spec
+    ) -> tuple[tuple[object, ...], torch.dtype]:
+        """As the generic step's, with 8-bit states apart (the foreach calls need plain tensors) and the
+        policy's compute dtype."""
+        stored: list[Any] = [state[n] for n in self.state_names(spec)]
+        forms = tuple(_QUANTIZED if isinstance(s, Q8State) else s.dtype for s in stored)
+        plain = [f for f in forms if isinstance(f, torch.dtype)]
+        dtype = compute_dtype([param.dtype, grad.dtype, *plain, self.policy.compute_dtype_for(param.dtype)])
+        return (param.device, param.dtype, grad.dtype, forms, spec), dtype
 
     def runner(self, bucket: _Bucket, host: Mapping[Expr, HostValue]) -> _Runner:
         """An executor with the noise keys of this bucket's bfloat16 stores (stochastic rounding)."""

@@ -259,17 +259,22 @@ def test_low_precision_storage_rounds_once(name: str, options: dict[str, Any], d
 
 
 def test_states_and_params_are_updated_in_place() -> None:
-    """torch.optim semantics: the state tensors and parameter storages stay the same objects."""
+    """torch.optim semantics: the state tensors and parameter storages stay the same objects (the step
+    counters move once into one tensor, as the fused and compiled backends' do, and then stay put)."""
     spec = adam(amsgrad=True)
     params = [torch.randn(3, 2), torch.randn(4)]
     states: list[ParamState] = [{}, {}]
     step = TorchStep(spec)
     step(params, [torch.randn(3, 2), torch.randn(4)], states, hypers_for(spec))
-    ids = [{k: id(v) for k, v in s.items()} for s in states]
+    ids = [{k: id(v) for k, v in s.items() if k != "step"} for s in states]
     pointers = [p.data_ptr() for p in params]
+    step(params, [torch.randn(3, 2), torch.randn(4)], states, hypers_for(spec))
+    counters = [id(s["step"]) for s in states]
     for _ in range(3):
         step(params, [torch.randn(3, 2), torch.randn(4)], states, hypers_for(spec))
-    assert [{k: id(v) for k, v in s.items()} for s in states] == ids
+    assert [{k: id(v) for k, v in s.items() if k != "step"} for s in states] == ids
+    assert [id(s["step"]) for s in states] == counters
+    assert [float(s["step"]) for s in states] == [5.0, 5.0]
     assert [p.data_ptr() for p in params] == pointers
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from portopt.spec.analysis import LAYOUT_KIND, Kind, NodeInfo, classify, fits
 from portopt.spec.errors import SpecError
@@ -63,6 +63,7 @@ class Spec:
     _static: tuple[Expr, ...] = field(default=(), init=False, repr=False, compare=False)
     _variants: dict[tuple[bool, ...], Spec] = field(default_factory=dict, init=False, repr=False, compare=False)
     _class_of: dict[TensorFacts, tuple[bool, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _hash: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _normalise(self)
@@ -70,6 +71,19 @@ class Spec:
         object.__setattr__(self, "_static", _static_points(self))
         if self._static:
             _check_shape_classes(self)
+
+    def __hash__(self) -> int:
+        # The dataclass hash of the compared fields, computed once: a spec keys caches on every step
+        # (its hyperparameter, state and expression tuples would be hashed again each time).
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict[str, object]:
+        # A string's hash differs between processes: an unpickled spec computes its own.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     # lookups ------------------------------------------------------------------
     def hyperparameter(self, name: str) -> Hyperparameter:
