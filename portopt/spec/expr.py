@@ -79,6 +79,15 @@ class Expr:
     def __hash__(self) -> int:
         return self._hash
 
+    def __getstate__(self) -> dict[str, object]:
+        # A string's hash (an op's name, a state's) differs between processes: an unpickled node
+        # computes its own (__setstate__), or it would neither hash nor compare equal to the same node.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)  # operands are unpickled first, with their own hashes
+        object.__setattr__(self, "_hash", hash((self.op, self.args, self.value, self.label)))
+
     def __eq__(self, other: object) -> bool:
         if self is other:
             return True
