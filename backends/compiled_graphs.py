@@ -23,8 +23,8 @@ its own. The generated function runs once on the heads and once on the tails, wi
 that dequantises a state's rows and a ``store`` that quantises them (absmax per row, then
 codes), so the update and the codec are one fused pass. The views being inputs, the graph
 indexes each of them as a plain ``(rows, B)`` array: had it cut the flat tensor itself, every
-element's index would go through an integer division and a modulo (measured: the cut-inside
-version was 55x slower than torch's fused fp32 AdamW, compiled 8-bit Adam's whole cost). A
+element's index would go through an integer division and a modulo (measured in
+bench/results/model_steps_cpu_q8_notes.md: several times slower). A
 per-tensor state is read by both calls at its old value (the second call gets a copy) and
 written by the first. The absmax rows of the whole blocks are a ``(⌊n/B⌋, 1)`` view; the last
 block's absmax is a ``(1, 1)`` view (a scratch element when ``B`` divides ``n``, whose tail row is
