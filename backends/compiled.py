@@ -77,7 +77,16 @@ from portopt.backends.compiled_graphs import ChunkGraph, GraphKey
 from portopt.backends.compiled_plan import GroupPlan, PlanContext
 from portopt.backends.torch_generic import TorchStep, build_graph_step, compute_dtype
 from portopt.backends.torch_policy import PolicyStep
-from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, StepFunction, with_inputs
+from portopt.lowering.backend import (
+    Backend,
+    Hypers,
+    ParamState,
+    PolicyStepFunction,
+    PreparedStep,
+    StepFunction,
+    no_step,
+    with_inputs,
+)
 from portopt.lowering.checks import check_hyperparameter_values, check_step_inputs
 from portopt.lowering.codegen import KernelPlan, kernel_size, plan_kernel
 from portopt.lowering.registry import register_backend
@@ -231,7 +240,7 @@ def inductor_options(plan: KernelPlan, key: GraphKey) -> dict[str, Any]:
     return {k: v for k, v in wanted.items() if k in known}
 
 
-class CompiledStep:
+class CompiledStep(PreparedStep):
     """The step function of the compiled backend for one spec (and precision policy).
 
     ``serial_arity`` and ``parallel_arity`` are the slots per call of the graphs for small and
@@ -277,20 +286,6 @@ class CompiledStep:
         """How many times Inductor compiled a graph for this step function (a recompile would add one)."""
         return sum(g.graphs_compiled for g in self.graphs.values())
 
-    def __call__(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        states: Sequence[ParamState],
-        hypers: Hypers,
-        *,
-        param_dtypes: Sequence[torch.dtype] | None = None,
-        indices: Sequence[int] | None = None,
-    ) -> None:
-        run = self.prepare(params, grads, states, hypers, param_dtypes=param_dtypes, indices=indices)
-        assert run is not None
-        run()
-
     def prepare(
         self,
         params: Sequence[Tensor],
@@ -307,7 +302,7 @@ class CompiledStep:
         with ``only_if_planned``, ``None`` when the inputs are not those of a plan already built."""
         if not params:
             check_step_inputs(self.spec, params, grads, states, hypers, allow_quantized=self.policy is not None)
-            return _nothing
+            return no_step
         hypers = with_inputs(self.spec, hypers)
         key = (len(params), id(params[0]), id(states[0]))
         plan = self._plans.get(key)
@@ -398,10 +393,6 @@ def compiled_graph(spec: Spec, key: GraphKey) -> ChunkGraph | None:
     plan = plan_kernel(spec)
     graph = ChunkGraph(plan, key, inductor_options(plan, key))
     return graph if graph.usable else None
-
-
-def _nothing() -> None:
-    """The step of an empty parameter list."""
 
 
 def _run_plan(plan: GroupPlan, grads: list[Tensor], hypers: Hypers) -> None:

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from portopt.backends.torch_generic import TorchStep, build_graph_step
-from portopt.lowering.backend import Backend, Hypers, ParamState, StepFunction
+from portopt.lowering.backend import Backend, Hypers, ParamState, PreparedStep, StepFunction, no_step
 from portopt.lowering.checks import check_hyperparameter_values, check_step_inputs
 from portopt.lowering.equivalence import Binding, find_binding, sample_hyperparameters
 from portopt.lowering.input_snapshot import InputSnapshot
@@ -425,7 +425,7 @@ def dtype_reason(kernel: FusedKernel, device_type: str, dtype: torch.dtype) -> s
 # The step function.
 
 
-class FusedStep:
+class FusedStep(PreparedStep):
     """Steps ``spec`` with a matched fused kernel; delegates what the kernel cannot take.
 
     The work for one list of parameters is planned once (:class:`_FusedPlan`: the kernel's tensor
@@ -443,13 +443,6 @@ class FusedStep:
         self._plans: OrderedDict[tuple[object, ...], _FusedPlan] = OrderedDict()
         self.last_delegation: str | None = None
 
-    def __call__(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
-    ) -> None:
-        run = self.prepare(params, grads, states, hypers)
-        assert run is not None
-        run()
-
     def prepare(
         self,
         params: Sequence[Tensor],
@@ -463,7 +456,7 @@ class FusedStep:
         ``only_if_planned``, ``None`` when the inputs are not those of a plan already built."""
         if not params:
             check_step_inputs(self.spec, params, grads, states, hypers)
-            return _nothing
+            return no_step
         values = {name: float(hypers[name]) for name in self.spec.hyper_names}
         kernel_values = self.match.binding.kernel_hypers(values)
         key = (len(params), id(params[0]), id(states[0]))
@@ -528,10 +521,6 @@ class FusedStep:
         if step is None:
             step = self._delegates[(device_type, below.name)] = below.build(self.spec)
         return step
-
-
-def _nothing() -> None:
-    """The step of an empty parameter list."""
 
 
 _MAX_PLANS = 8

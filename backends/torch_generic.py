@@ -61,7 +61,15 @@ from torch import Tensor
 from portopt.backends.torch_generic_plan import PlannedGroup, StepPlans, step_values
 from portopt.distributed.layout import logical_facts
 from portopt.distributed.reductions import MeshReductions
-from portopt.lowering.backend import Backend, Hypers, ParamState, PolicyStepFunction, step_counter_dtype, with_inputs
+from portopt.lowering.backend import (
+    Backend,
+    Hypers,
+    ParamState,
+    PolicyStepFunction,
+    PreparedStep,
+    step_counter_dtype,
+    with_inputs,
+)
 from portopt.lowering.checks import check_step_inputs
 from portopt.lowering.graph_step import GraphStep
 from portopt.lowering.host import HostValue, evaluate_host
@@ -418,7 +426,7 @@ def torch_class(spec: Spec) -> str:
     return "" if registered is None else registered.torch_class
 
 
-class TorchStep:
+class TorchStep(PreparedStep):
     """The generic torch step function of one spec (see the module docstring).
 
     ``state_dtype(decl, param)`` chooses the storage dtype of a new state; the default
@@ -446,13 +454,6 @@ class TorchStep:
         if plan is None:
             plan = self.plans[spec] = SpecPlan.of(spec)
         return plan
-
-    def __call__(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[ParamState], hypers: Hypers
-    ) -> None:
-        run = self.prepare(params, grads, states, hypers)
-        assert run is not None
-        run()
 
     def prepare(
         self,

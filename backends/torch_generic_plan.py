@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from portopt.lowering.backend import Hypers, ParamState, with_inputs
+from portopt.lowering.backend import Hypers, ParamState, no_step, with_inputs
 from portopt.lowering.checks import check_hyperparameter_values
 from portopt.lowering.input_snapshot import InputSnapshot
 from portopt.lowering.step_counters import StepCounters
@@ -254,10 +254,6 @@ _MAX_PLANS = 8
 """Plans (parameter lists) a step function keeps: several param groups may share one step function."""
 
 
-def _nothing() -> None:
-    """The step of an empty parameter list."""
-
-
 class StepPlans:
     """The plans of one step function, by parameter list (module docstring)."""
 
@@ -282,7 +278,7 @@ class StepPlans:
         as they are. ``numbers``: the parameters' numbers, where the step reads them (a plan keeps them)."""
         if not params:
             check()
-            return _nothing
+            return no_step
         key = (len(params), id(params[0]), id(states[0]))
         plan = self._plans.get(key)
         if plan is not None and plan.matches(params, grads, states, numbers):

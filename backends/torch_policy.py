@@ -88,20 +88,6 @@ class PolicyStep(TorchStep):
         self.nonnegative = nonnegative_states(spec)
         self.slots: dict[str | None, int] = {None: 0, **{name: 1 + i for i, name in enumerate(spec.state_names)}}
 
-    def __call__(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        states: Sequence[ParamState],
-        hypers: Hypers,
-        *,
-        param_dtypes: Sequence[torch.dtype] | None = None,
-        indices: Sequence[int] | None = None,
-    ) -> None:
-        run = self.prepare(params, grads, states, hypers, param_dtypes=param_dtypes, indices=indices)
-        assert run is not None
-        run()
-
     def prepare(  # the policy's step also takes the model dtypes and numbers
         self,
         params: Sequence[Tensor],

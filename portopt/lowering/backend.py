@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -59,6 +59,45 @@ class PolicyStepFunction(Protocol):
         param_dtypes: Sequence[torch.dtype] | None = None,
         indices: Sequence[int] | None = None,
     ) -> None: ...
+
+
+def no_step() -> None:
+    """The prepared step of an empty parameter list."""
+
+
+class PreparedStep:
+    """A step function that checks and plans first (:meth:`prepare`), then runs what it prepared.
+
+    Calling it is ``prepare(...)()``; the front end calls :meth:`prepare` itself with
+    ``only_if_planned=True`` to learn, at the cost of a cheap confirmation, whether a plan built for
+    these very inputs can run unchecked. Keywords beyond those of :class:`StepFunction` (a policy
+    step's ``param_dtypes`` and ``indices``) are passed on to :meth:`prepare`.
+    """
+
+    def __call__(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        **options: Any,
+    ) -> None:
+        run = self.prepare(params, grads, states, hypers, **options)
+        assert run is not None  # not only_if_planned: a step is always prepared
+        run()
+
+    def prepare(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[ParamState],
+        hypers: Hypers,
+        *,
+        only_if_planned: bool = False,
+    ) -> Callable[[], None] | None:
+        """Check the inputs and plan the step; nothing is written. Returns the step itself, or, with
+        ``only_if_planned``, ``None`` when the inputs are not those of a plan already built."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
